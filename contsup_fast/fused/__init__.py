@@ -1,0 +1,108 @@
+"""Boundary ops and their backends.
+
+A *backend* is a module-like object exposing four autograd-aware functions with the
+signatures of :mod:`contsup_fast.fused.reference`:
+
+* ``residual_context(h, contexts, weights, biases, bn_weights, bn_biases, running_means,
+  running_vars, training, eps) -> (out, means, vars)``
+* ``image_context_tail(h, z, bn_weight, bn_bias, running_mean, running_var, training, eps)
+  -> (out, mean, var)``
+* ``bn_relu_gap(z, bn_weight, bn_bias, running_mean, running_var, training, eps)
+  -> (pooled, mean, var)``
+* ``global_avg_pool(h) -> pooled``
+
+Backends:
+
+``"torch"``   the eager reference composition (always available);
+``"triton"``  Triton kernels in :mod:`contsup_fast.kernels` (CUDA tensors, or any device
+              under ``TRITON_INTERPRET=1``);
+``"native"``  the compiled C++/CUDA extension :mod:`contsup_fast._native` (CPU and CUDA).
+
+``"auto"`` picks, for a device, the fastest backend that is available there.
+"""
+from __future__ import annotations
+
+import importlib
+import os
+from types import SimpleNamespace
+from typing import List
+
+import torch
+
+from . import reference
+
+__all__ = ["BACKENDS", "available_backends", "resolve_backend", "reference"]
+
+BACKENDS = ("auto", "torch", "triton", "native")
+
+_TORCH = SimpleNamespace(
+    name="torch",
+    residual_context=reference.residual_context_ref,
+    image_context_tail=reference.image_context_tail_ref,
+    bn_relu_gap=reference.bn_relu_gap_ref,
+    global_avg_pool=reference.global_avg_pool_ref,
+)
+
+
+def _load(name: str):
+    """Import the implementation module of backend ``name``; return (module or None, reason)."""
+    modname = {"triton": "contsup_fast.kernels", "native": "contsup_fast._native"}[name]
+    try:
+        mod = importlib.import_module(modname)
+    except Exception as exc:  # ImportError, or a broken build
+        return None, f"{modname} could not be imported: {exc}"
+    ok, why = mod.is_available() if hasattr(mod, "is_available") else (False, "no is_available()")
+    return (mod if ok else None), why
+
+
+def _usable_on(name: str, mod, device: torch.device) -> bool:
+    if name == "triton":
+        return device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"
+    if name == "native":
+        return mod.supports_device(device)
+    return True
+
+
+def available_backends(device: torch.device | str = "cpu") -> List[str]:
+    """Names of the concrete backends that can run on ``device``, fastest first."""
+    device = torch.device(device)
+    # On CUDA the hand-written CUDA kernels and Triton beat eager; on CPU the compiled
+    # C++ loops beat eager and Triton only runs in its (slow) interpreter.
+    order = ("native", "triton", "torch") if device.type == "cuda" else ("native", "torch", "triton")
+    names = []
+    for name in order:
+        if name == "torch":
+            names.append(name)
+            continue
+        mod, _ = _load(name)
+        if mod is not None and _usable_on(name, mod, device):
+            names.append(name)
+    return names
+
+
+def resolve_backend(name: str, device: torch.device | str = "cpu"):
+    """Return the backend object for ``name`` on ``device``.
+
+    Raises:
+        ValueError: ``name`` is not one of :data:`BACKENDS`.
+        RuntimeError: the named backend is not available (the message says why).
+    """
+    if name not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {name!r}")
+    device = torch.device(device)
+    if name == "auto":
+        name = available_backends(device)[0]
+    if name == "torch":
+        return _TORCH
+    mod, why = _load(name)
+    if mod is None:
+        raise RuntimeError(f"backend={name!r} is not available: {why}")
+    if not _usable_on(name, mod, device):
+        raise RuntimeError(f"backend={name!r} cannot run on device {device}")
+    return SimpleNamespace(
+        name=name,
+        residual_context=mod.residual_context,
+        image_context_tail=mod.image_context_tail,
+        bn_relu_gap=mod.bn_relu_gap,
+        global_avg_pool=mod.global_avg_pool,
+    )
