@@ -1,0 +1,247 @@
+"""Context supply at a boundary (ContSup, arXiv 2312.07636, Sec. 3.2, Eq. 6-8 and Fig. 3).
+
+At boundary j (between local modules j and j+1) the input of module j+1 is
+
+    a_{j+1} = h_j.detach() + sum of context terms,
+
+where ``h_j`` is module j's output, ``x = a_0`` the normalised image and ``a_i`` the
+(context-augmented, detached) input of module i. Modes:
+
+* ``R0``: no context (plain greedy local learning);
+* ``E``: ``ImageEncoder_j(x)``;
+* ``Rn`` (n >= 1): ``sum_{r<n} ResidualEncoder_{j,r}(a_{j-r})`` over the ``a`` that exist;
+* ``RnE``: ``E`` plus the ``Rn`` terms without ``a_0`` (the image only goes through E).
+
+The encoders belong to module j+1 and are trained by its local loss.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .fused.reference import batch_norm_stats, update_running_stats
+
+__all__ = ["ContextSpec", "parse_context", "ImageEncoder", "ResidualEncoder", "BoundaryContext"]
+
+
+@dataclass(frozen=True)
+class ContextSpec:
+    """A parsed context mode: ``n`` residual sources and whether the image encoder E is used."""
+
+    n: int
+    image: bool
+
+    @property
+    def name(self) -> str:
+        if self.n == 0 and not self.image:
+            return "R0"
+        return (f"R{self.n}" if self.n else "") + ("E" if self.image else "")
+
+    def sources(self, j: int) -> List[int]:
+        """Indices ``i`` of the module inputs ``a_i`` feeding boundary ``j`` (most recent first)."""
+        first = 1 if self.image else 0
+        return [j - r for r in range(self.n) if j - r >= first]
+
+
+_MODE = re.compile(r"^(?:R(\d+|n))?(E)?$")
+
+
+def parse_context(context: str, n: Optional[int] = None) -> ContextSpec:
+    """Parse ``"R0"``, ``"E"``, ``"R1"``, ``"R4"``, ``"RnE"``, ``"R2E"``, ``"Rn"``...
+
+    ``"Rn"`` and ``"RnE"`` take ``n`` from the keyword (default 1); a mode with a number uses
+    that number, and a conflicting ``n`` keyword is an error.
+
+    Raises:
+        ValueError: unknown mode, ``n < 1``, or ``n`` conflicting with the mode.
+    """
+    if not isinstance(context, str):
+        raise ValueError(f"context must be a string such as 'R0', 'E', 'R1', 'R1E' or 'RnE', got {context!r}")
+    m = _MODE.match(context)
+    if not m or context == "":
+        raise ValueError(f"unknown context mode {context!r}: allowed are 'R0', 'E', 'Rn'/'RnE' "
+                         f"(with n=...), or 'R<k>'/'R<k>E' for an integer k >= 1, e.g. 'R1', 'R2E'")
+    if n is not None and (not isinstance(n, int) or isinstance(n, bool) or n < 1):
+        raise ValueError(f"n must be an integer >= 1, got {n!r}")
+    digits, image = m.group(1), bool(m.group(2))
+    if digits is None:
+        return ContextSpec(0, image)
+    if digits == "n":
+        return ContextSpec(1 if n is None else n, image)
+    k = int(digits)
+    if k == 0 and image:
+        raise ValueError("context mode 'R0E' is not a mode: use 'E' for the image encoder alone")
+    if n is not None and n != k:
+        raise ValueError(f"context={context!r} fixes n={k}, but n={n} was also given")
+    return ContextSpec(k, image)
+
+
+def _pool(z: Tensor, size: Sequence[int]) -> Tensor:
+    return F.adaptive_avg_pool2d(z, tuple(size))
+
+
+class ImageEncoder(nn.Module):
+    """E: Conv3x3(3->12, bias) -> BN -> ReLU -> Conv3x3(12->C, bias) -> BN -> ReLU -> avgpool to (H, W).
+
+    Input ``x`` (N, 3, H_img, W_img), output (N, C, H, W) where (H, W) is the target size.
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, hidden: int = 12):
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_channels, hidden, 3, padding=1, bias=True)
+        self.bn1 = nn.BatchNorm2d(hidden)
+        self.conv2 = nn.Conv2d(hidden, out_channels, 3, padding=1, bias=True)
+        self.bn2 = nn.BatchNorm2d(out_channels)
+
+    def forward(self, x: Tensor, size: Sequence[int]) -> Tensor:
+        z = self.conv2(F.relu(self.bn1(self.conv1(x))))
+        return _pool(F.relu(self.bn2(z)), size)
+
+
+class ResidualEncoder(nn.Module):
+    """R term: Conv1x1(C_src->C, bias) -> BN -> ReLU -> avgpool to (H, W).
+
+    ``source`` is the index i of the module input ``a_i`` it reads.
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, source: int):
+        super().__init__()
+        self.source = source
+        self.conv = nn.Conv2d(in_channels, out_channels, 1, bias=True)
+        self.bn = nn.BatchNorm2d(out_channels)
+
+    def forward(self, a: Tensor, size: Sequence[int]) -> Tensor:
+        return _pool(F.relu(self.bn(self.conv(a))), size)
+
+    def extra_repr(self) -> str:
+        return f"source=a_{self.source}"
+
+
+def _integer_scale(src: Tensor, dst: Tensor) -> bool:
+    (hs, ws), (hd, wd) = src.shape[-2:], dst.shape[-2:]
+    return hs % hd == 0 and ws % wd == 0 and hs // hd == ws // wd
+
+
+class _ImageContextRecompute(torch.autograd.Function):
+    """E term through a fused tail, saving only the image: the encoder's convolutions run
+    on cuDNN/oneDNN in forward without autograd, and are recomputed in backward (the batch
+    statistics are recomputed identically, running statistics are updated once)."""
+
+    @staticmethod
+    def forward(ctx, h, x, tail, tail_backward, enc: ImageEncoder, *params):
+        with torch.no_grad():
+            t1 = enc.conv1(x)
+            if enc.bn1.training:
+                _bn_stats_update(enc.bn1, t1)
+                t1 = F.batch_norm(t1, None, None, enc.bn1.weight, enc.bn1.bias, True, 0.0, enc.bn1.eps)
+            else:
+                t1 = enc.bn1(t1)
+            z = enc.conv2(F.relu(t1))
+            out, mean, var = tail(h, z, enc.bn2.weight, enc.bn2.bias, enc.bn2.running_mean,
+                                  enc.bn2.running_var, enc.bn2.training, enc.bn2.eps)
+        update_running_stats(enc.bn2, mean, var, z.shape[0] * z.shape[2] * z.shape[3])
+        device_type = x.device.type
+        ctx.autocast = (device_type, torch.is_autocast_enabled(device_type),
+                        torch.get_autocast_dtype(device_type))
+        ctx.save_for_backward(x, mean, var)
+        ctx.enc, ctx.tail_backward = enc, tail_backward
+        ctx.training = enc.bn1.training
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x, mean, var = ctx.saved_tensors
+        enc = ctx.enc
+        params = [enc.conv1.weight, enc.conv1.bias, enc.bn1.weight, enc.bn1.bias,
+                  enc.conv2.weight, enc.conv2.bias]
+        device_type, enabled, dtype = ctx.autocast
+        with torch.enable_grad(), torch.autocast(device_type, dtype=dtype, enabled=enabled):
+            ps = [p.detach().requires_grad_() for p in params]
+            t1 = F.conv2d(x, ps[0], ps[1], padding=1)
+            if ctx.training:
+                u = F.relu(F.batch_norm(t1, None, None, ps[2], ps[3], True, 0.0, enc.bn1.eps))
+            else:
+                u = F.relu(F.batch_norm(t1, enc.bn1.running_mean, enc.bn1.running_var, ps[2], ps[3],
+                                        False, 0.0, enc.bn1.eps))
+            z = F.conv2d(u, ps[4], ps[5], padding=1)
+        grad_z, g_gamma, g_beta = ctx.tail_backward(grad_out, z.detach(), enc.bn2.weight, enc.bn2.bias,
+                                                    mean, var, ctx.training, enc.bn2.eps)
+        grads = torch.autograd.grad(z, ps, grad_z)
+        return (grad_out, None, None, None, None, *grads, g_gamma, g_beta)
+
+
+@torch.no_grad()
+def _bn_stats_update(bn: nn.BatchNorm2d, t: Tensor) -> None:
+    mean, var = batch_norm_stats(t)
+    update_running_stats(bn, mean, var, t.shape[0] * t.shape[2] * t.shape[3])
+
+
+class BoundaryContext(nn.Module):
+    """The context terms added at one boundary, owned by the local module they feed.
+
+    Args:
+        target_channels: C of the module output ``h`` the terms are added to.
+        image_channels: channels of the image ``x`` (E), or None without E.
+        residual: ``(source index i, channels of a_i)`` for every R term.
+
+    ``forward(h, inputs, x, backend)`` takes ``h`` (N, C, H, W, detached), ``inputs`` a dict
+    ``i -> a_i`` of stored module inputs (detached) and the image ``x``; it returns
+    ``h + terms`` with gradients to the encoders only.
+    """
+
+    def __init__(self, target_channels: int, image_channels: Optional[int],
+                 residual: Sequence[Tuple[int, int]]):
+        super().__init__()
+        self.image = ImageEncoder(image_channels, target_channels) if image_channels else None
+        self.residual = nn.ModuleList(ResidualEncoder(c, target_channels, i) for i, c in residual)
+
+    @property
+    def sources(self) -> List[int]:
+        return [enc.source for enc in self.residual]
+
+    def describe(self) -> str:
+        terms = (["E(x)"] if self.image is not None else []) + [
+            f"R(a_{i})" if i else "R(x)" for i in self.sources]
+        return " + ".join(terms) if terms else "none"
+
+    def forward(self, h: Tensor, inputs: Dict[int, Tensor], x: Tensor, backend) -> Tensor:
+        if backend.name == "torch":
+            return self._forward_eager(h, inputs, x)
+        out = h
+        fused = [e for e in self.residual if _integer_scale(inputs[e.source], h)]
+        for enc in self.residual:
+            if enc not in fused:
+                out = out + enc(inputs[enc.source], h.shape[-2:])
+        if fused:
+            cs = [inputs[e.source] for e in fused]
+            bns = [e.bn for e in fused]
+            out, means, vars_ = backend.residual_context(
+                out, cs, [e.conv.weight for e in fused], [e.conv.bias for e in fused],
+                [b.weight for b in bns], [b.bias for b in bns], [b.running_mean for b in bns],
+                [b.running_var for b in bns], self.training, bns[0].eps)
+            for bn, c, mean, var in zip(bns, cs, means, vars_):
+                update_running_stats(bn, mean, var, c.shape[0] * c.shape[2] * c.shape[3])
+        if self.image is not None:
+            if _integer_scale(x, h) and getattr(backend, "image_context_tail_backward", None):
+                enc = self.image
+                out = _ImageContextRecompute.apply(
+                    out, x, backend.image_context_tail, backend.image_context_tail_backward, enc,
+                    enc.conv1.weight, enc.conv1.bias, enc.bn1.weight, enc.bn1.bias,
+                    enc.conv2.weight, enc.conv2.bias, enc.bn2.weight, enc.bn2.bias)
+            else:
+                out = out + self.image(x, h.shape[-2:])
+        return out
+
+    def _forward_eager(self, h: Tensor, inputs: Dict[int, Tensor], x: Tensor) -> Tensor:
+        size = h.shape[-2:]
+        out = h
+        if self.image is not None:
+            out = out + self.image(x, size)
+        for enc in self.residual:
+            out = out + enc(inputs[enc.source], size)
+        return out

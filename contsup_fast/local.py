@@ -1,0 +1,333 @@
+"""LocalSequential: greedy local learning with context supply as a drop-in model wrapper.
+
+A model is cut into K gradient-isolated *local modules* (see :mod:`contsup_fast.splitting`).
+A training call ``local(x, y)`` runs, for j = 0..K-1: the context terms feeding module j
+(:mod:`contsup_fast.context`), module j's slice of the network, its local loss (auxiliary
+head, or the model's own classifier for the last module) and that loss's backward, after
+which module j's activations are freed. Peak activation memory is therefore about one local
+module's, not the whole network's (ContSup, arXiv 2312.07636, Sec. 3, Alg. 1).
+"""
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from typing import Dict, List, Optional, Sequence, Tuple, Union
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .context import BoundaryContext, ContextSpec, parse_context
+from .fused import BACKENDS, resolve_backend
+from .heads import AUX_CONFIGS, AuxiliaryHead
+from .losses import LOSSES, ReconstructionDecoder, denormalize, supervised_contrastive_loss
+from .presets import RECONSTRUCTION_WEIGHTS
+from .splitting import SplitPlan, plan_split
+
+__all__ = ["LocalSequential", "LocalModule", "LocalOutput", "ContSupInference"]
+
+CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
+CIFAR10_STD = (0.2470, 0.2435, 0.2616)
+
+
+@dataclass
+class LocalOutput:
+    """Result of a training call ``local(x, y)``.
+
+    Attributes:
+        logits: (N, classes) output of the last module, detached.
+        loss: 0-dim tensor, the last module's loss (cross-entropy of the model's classifier), detached.
+        local_losses: (K,) every module's local loss in order, detached, on the input's device
+            (no host synchronisation: call ``.tolist()`` when you want the numbers).
+    """
+
+    logits: Tensor
+    loss: Tensor
+    local_losses: Tensor
+
+
+class LocalModule(nn.Module):
+    """One gradient-isolated local module j.
+
+    Attributes:
+        context: :class:`~contsup_fast.context.BoundaryContext` building this module's input
+            from the previous module's detached output (None for module 0).
+        body: the slice of the wrapped model it runs (an ``fx.GraphModule``).
+        head: its :class:`~contsup_fast.heads.AuxiliaryHead` (None for the last module,
+            whose loss is the model's own classifier with cross-entropy).
+        decoder: InfoPro reconstruction decoder (``reconstruct=True``), else None.
+    """
+
+    def __init__(self, index: int, body: nn.Module, context: Optional[BoundaryContext],
+                 head: Optional[AuxiliaryHead], decoder: Optional[ReconstructionDecoder],
+                 blocks: List[str], out_shape: Tuple[int, ...]):
+        super().__init__()
+        self.index = index
+        self.context = context
+        self.body = body
+        self.head = head
+        self.decoder = decoder
+        self.blocks = blocks
+        self.out_shape = out_shape
+
+    def extra_repr(self) -> str:
+        return (f"index={self.index}, blocks={self.blocks[0]}..{self.blocks[-1]}, "
+                f"out_shape={self.out_shape}")
+
+
+def _block_names(pieces: Sequence[nn.Module]) -> List[List[str]]:
+    names = []
+    for piece in pieces:
+        nodes = [str(n.target) if n.op == "call_module" else n.name
+                 for n in piece.graph.nodes if n.op in ("call_module", "call_function", "call_method")]
+        names.append(nodes or ["identity"])
+    return names
+
+
+class LocalSequential(nn.Module):
+    """Wrap ``model`` for greedy local learning with context supply (ContSup).
+
+    Args:
+        model: an fx-traceable CNN taking (N, C, H, W) and returning logits (N, classes):
+            a CIFAR ResNet from :mod:`contsup_fast.models`, torchvision ResNet/Wide
+            ResNet/ResNeXt/VGG, or an ``nn.Sequential``. Its parameters are shared, not copied.
+        K: number of local modules (``K=1`` is ordinary end-to-end training).
+        context: ``"R0"``, ``"E"``, ``"Rn"``, ``"RnE"`` (n from ``n``), or ``"R<k>"``/``"R<k>E"``.
+        n: the ``n`` of ``"Rn"``/``"RnE"`` (default 1, so ``"RnE"`` is R1E).
+        aux: auxiliary head configuration, one of ``0c1f 0c2f 1c1f 1c2f 1c3f 2c2f``.
+        loss: local loss of modules 0..K-2, ``"ce"`` or ``"supcon"`` (temperature 0.07).
+        reconstruct: add the InfoPro reconstruction loss to modules 0..K-2.
+        reconstruct_weights: ``(recon_first, cls_first, recon_last, cls_last)``, interpolated
+            linearly over modules 0..K-2; default: the paper's table, else (1, 1, 1, 1).
+        split: None (paper preset, else balanced), ``"balanced"``, or explicit cut points.
+        backend: ``"auto"``, ``"torch"``, ``"triton"`` or ``"native"`` for the boundary ops.
+        feature_dim: hidden width of the auxiliary MLP and the contrastive embedding size.
+        input_size: (C, H, W) of one example (used once to measure shapes).
+        image_mean, image_std: the input normalisation, used to de-normalise the image for
+            the reconstruction loss.
+
+    Raises:
+        ValueError: bad K, context, n, aux, loss, split or backend (the message says what is
+            allowed); :class:`~contsup_fast.splitting.UnsplittableModelError` for a model
+            that cannot be traced or cut.
+    """
+
+    def __init__(self, model: nn.Module, K: int = 16, context: str = "RnE", n: Optional[int] = None,
+                 aux: str = "1c2f", loss: str = "ce", reconstruct: bool = False,
+                 reconstruct_weights: Optional[Sequence[float]] = None,
+                 split: Union[None, str, Sequence[Union[int, str]]] = None, backend: str = "auto",
+                 feature_dim: int = 128, input_size: Sequence[int] = (3, 32, 32),
+                 image_mean: Sequence[float] = CIFAR10_MEAN, image_std: Sequence[float] = CIFAR10_STD):
+        super().__init__()
+        if not isinstance(model, nn.Module):
+            raise ValueError(f"model must be an nn.Module, got {type(model).__name__}")
+        self.spec: ContextSpec = parse_context(context, n)
+        if aux not in AUX_CONFIGS:
+            raise ValueError(f"aux must be one of {AUX_CONFIGS}, got {aux!r}")
+        if loss not in LOSSES:
+            raise ValueError(f"loss must be one of {LOSSES}, got {loss!r}")
+        if backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+        if len(input_size) != 3:
+            raise ValueError(f"input_size must be (C, H, W), got {tuple(input_size)!r}")
+        self.K, self.aux, self.loss_name, self.backend_name = K, aux, loss, backend
+        self.input_size = tuple(int(s) for s in input_size)
+        self.image_mean, self.image_std = tuple(image_mean), tuple(image_std)
+        plan = plan_split(model, K, split, self.input_size)
+        self.split_source = plan.source
+        self.cut_points = list(plan.cuts)
+        out_shape = plan.shapes[[n for n in plan.gm.graph.nodes if n.op == "output"][0].args[0].name]
+        if len(out_shape) != 2:
+            raise ValueError(f"model must return logits of shape (N, classes), it returns shape {out_shape}")
+        self.num_classes = out_shape[1]
+        self.reconstruct_weights = self._reconstruct_weights(model, reconstruct, reconstruct_weights)
+        self.local_modules = nn.ModuleList(self._build_modules(plan, feature_dim, reconstruct))
+        device = next(self.parameters()).device
+        self._backends: Dict[torch.device, object] = {device: resolve_backend(backend, device)}
+
+    # ------------------------------------------------------------------ construction
+    def _reconstruct_weights(self, model, reconstruct, weights) -> Optional[Tuple[float, ...]]:
+        if not reconstruct:
+            return None
+        if weights is None:
+            weights = RECONSTRUCTION_WEIGHTS.get(getattr(model, "arch", ""), {}).get(self.K, (1.0, 1.0, 1.0, 1.0))
+        if len(weights) != 4:
+            raise ValueError(f"reconstruct_weights must be (recon_first, cls_first, recon_last, cls_last), "
+                             f"got {tuple(weights)!r}")
+        return tuple(float(w) for w in weights)
+
+    def _build_modules(self, plan: SplitPlan, feature_dim: int, reconstruct: bool) -> List[LocalModule]:
+        K, spec = self.K, self.spec
+        out_shapes = [plan.shapes[c][1:] for c in plan.cuts] + [(self.num_classes,)]
+        input_channels = [self.input_size[0]] + [s[0] for s in out_shapes[:-1]]  # channels of a_i
+        widest = max((s[0] for s in out_shapes[:-1]), default=0)
+        head_out = self.num_classes if self.loss_name == "ce" else feature_dim
+        blocks = _block_names(plan.pieces)
+        modules = []
+        for j in range(K):
+            context = None
+            if j > 0 and (spec.n or spec.image):
+                boundary = j - 1
+                context = BoundaryContext(
+                    out_shapes[boundary][0], self.input_size[0] if spec.image else None,
+                    [(i, input_channels[i]) for i in spec.sources(boundary)])
+            head = decoder = None
+            if j < K - 1:
+                c = out_shapes[j][0]
+                head = AuxiliaryHead(c, self.aux, head_out, widest=c == widest, feature_dim=feature_dim)
+                decoder = ReconstructionDecoder(c, self.input_size[0]) if reconstruct else None
+            modules.append(LocalModule(j, plan.pieces[j], context, head, decoder, blocks[j],
+                                       tuple(out_shapes[j])))
+        return modules
+
+    # ------------------------------------------------------------------ container protocol
+    def __len__(self) -> int:
+        return self.K
+
+    def __getitem__(self, j: int) -> LocalModule:
+        return self.local_modules[j]
+
+    def __iter__(self):
+        return iter(self.local_modules)
+
+    def backend_for(self, device: torch.device):
+        """The boundary-op backend used for tensors on ``device`` (resolved once per device)."""
+        device = torch.device(device)
+        if device not in self._backends:
+            self._backends[device] = resolve_backend(self.backend_name, device)
+        return self._backends[device]
+
+    # ------------------------------------------------------------------ forward
+    def _check_inputs(self, x: Tensor, y: Optional[Tensor]) -> None:
+        if not isinstance(x, Tensor) or x.dim() != 4 or x.shape[1] != self.input_size[0]:
+            got = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
+            raise ValueError(f"x must be a float tensor of shape (N, {self.input_size[0]}, H, W), got {got}")
+        if not x.is_floating_point():
+            raise ValueError(f"x must be a floating-point tensor (normalised image), got dtype {x.dtype}")
+        param = next(self.parameters())
+        if x.device != param.device:
+            raise ValueError(f"x is on {x.device} but the model's parameters are on {param.device}; "
+                             f"move one of them (local.to(device) or x.to(device))")
+        if y is not None:
+            if not isinstance(y, Tensor) or y.shape != (x.shape[0],) or y.dtype != torch.int64:
+                got = (tuple(y.shape), y.dtype) if isinstance(y, Tensor) else type(y).__name__
+                raise ValueError(f"y must be an int64 tensor of shape ({x.shape[0]},) holding class "
+                                 f"indices, got {got}")
+            if y.device != x.device:
+                raise ValueError(f"y is on {y.device} but x is on {x.device}")
+
+    def forward(self, x: Tensor, y: Optional[Tensor] = None, scaler=None):
+        """Training step or inference.
+
+        Args:
+            x: (N, C, H, W) normalised images (fp32; autocast and channels_last work).
+            y: (N,) int64 labels. Required in training mode.
+            scaler: optional ``torch.amp.GradScaler``; each local loss is scaled before its
+                backward (call ``scaler.step(opt)`` and ``scaler.update()`` yourself).
+
+        Returns:
+            Training mode: :class:`LocalOutput`; every local loss has been back-propagated into
+            ``.grad`` (accumulating, as ``loss.backward()`` does). Eval mode: the logits (N,
+            classes), or a :class:`LocalOutput` of losses without backward when ``y`` is given.
+
+        Raises:
+            ValueError: wrong shapes, dtypes or devices. RuntimeError: training without ``y``
+            or under ``torch.no_grad()``.
+        """
+        self._check_inputs(x, y)
+        if self.training:
+            if y is None:
+                raise RuntimeError("LocalSequential in training mode needs labels: call local(x, y) "
+                                   "(or local.eval() for inference)")
+            if not torch.is_grad_enabled():
+                raise RuntimeError("a training step runs each local backward itself and cannot run under "
+                                   "torch.no_grad(); call local.eval() for inference")
+            return self._run(x.detach(), y, scaler, train=True)
+        if y is None:
+            return self._run(x, None, None, train=False).logits
+        return self._run(x, y, None, train=False)
+
+    def _local_loss(self, m: LocalModule, out: Tensor, y: Tensor, x: Tensor, backend) -> Tensor:
+        if m.head is None:
+            return F.cross_entropy(out.float(), y)
+        feats = m.head(out, backend)
+        if self.loss_name == "ce":
+            loss = F.cross_entropy(feats.float(), y)
+        else:
+            loss = supervised_contrastive_loss(feats, y)
+        if m.decoder is None:
+            return loss
+        recon = m.decoder(out, denormalize(x, self.image_mean, self.image_std))
+        r = m.index / (self.K - 2) if self.K > 2 else 0.0
+        w = self.reconstruct_weights
+        return (w[0] * (1 - r) + w[2] * r) * recon + (w[1] * (1 - r) + w[3] * r) * loss
+
+    def _run(self, x: Tensor, y: Optional[Tensor], scaler, train: bool) -> LocalOutput:
+        backend = self.backend_for(x.device)
+        keep = self.spec.n  # how many module inputs a_i later boundaries still read
+        inputs: Dict[int, Tensor] = {}
+        losses: List[Tensor] = []
+        h: Optional[Tensor] = None
+        for m in self.local_modules:
+            a = x if m.index == 0 else (m.context(h, inputs, x, backend) if m.context is not None else h)
+            out = m.body(a)
+            if y is not None:
+                loss = self._local_loss(m, out, y, x, backend)
+                if train:
+                    (scaler.scale(loss) if scaler is not None else loss).backward()
+                losses.append(loss.detach())
+            if keep:
+                inputs[m.index] = a.detach()
+                inputs.pop(m.index - keep, None)
+            h = out.detach()
+            del out, a
+        loss_vec = torch.stack(losses) if losses else torch.empty(0, device=x.device)
+        return LocalOutput(logits=h, loss=loss_vec[-1] if losses else loss_vec, local_losses=loss_vec)
+
+    # ------------------------------------------------------------------ export and summary
+    def to_module(self) -> "ContSupInference":
+        """A plain ``nn.Module`` for inference (a deep copy in eval mode, eager ops only) that
+        returns the same logits as ``local.eval()(x)`` and that ``torch.export`` accepts."""
+        return ContSupInference(self).eval()
+
+    def summary(self) -> str:
+        """A table: each local module's blocks, context terms, head, parameters and output shape."""
+        rows = [("j", "blocks", "context", "head", "params", "out shape")]
+        for m in self.local_modules:
+            ctx = m.context.describe() if m.context is not None else ("-" if m.index else "x")
+            head = self.aux + ("+decoder" if m.decoder is not None else "") if m.head is not None else "model classifier"
+            params = sum(p.numel() for p in m.parameters())
+            blocks = m.blocks[0] if len(m.blocks) == 1 else f"{m.blocks[0]} .. {m.blocks[-1]} ({len(m.blocks)})"
+            rows.append((str(m.index), blocks, ctx, head, f"{params:,}", "x".join(map(str, m.out_shape))))
+        widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+        lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
+        return "\n".join(lines)
+
+    def __repr__(self) -> str:
+        backends = ", ".join(f"{d}: {b.name}" for d, b in self._backends.items())
+        head = (f"LocalSequential(K={self.K}, context={self.spec.name}, aux={self.aux}, loss={self.loss_name}, "
+                f"split={self.split_source}, backend={self.backend_name} [{backends}])")
+        return head + "\n" + self.summary()
+
+
+class ContSupInference(nn.Module):
+    """Inference-only copy of a :class:`LocalSequential`: the bodies and context encoders,
+    no auxiliary heads. ``forward(x)`` (N, C, H, W) -> logits (N, classes)."""
+
+    def __init__(self, local: LocalSequential):
+        super().__init__()
+        self.bodies = nn.ModuleList(copy.deepcopy(m.body) for m in local.local_modules)
+        self.contexts = nn.ModuleList(copy.deepcopy(m.context) if m.context is not None else nn.Identity()
+                                      for m in local.local_modules)
+        self.keep = local.spec.n
+
+    def forward(self, x: Tensor) -> Tensor:
+        inputs: Dict[int, Tensor] = {}
+        h = x
+        for j, (body, context) in enumerate(zip(self.bodies, self.contexts)):
+            a = x if j == 0 else (context._forward_eager(h, inputs, x) if isinstance(context, BoundaryContext) else h)
+            h = body(a)
+            if self.keep:
+                inputs[j] = a
+                inputs.pop(j - self.keep, None)
+        return h

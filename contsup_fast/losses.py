@@ -1,0 +1,68 @@
+"""Local losses: softmax cross-entropy, supervised contrastive, and InfoPro reconstruction."""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+__all__ = ["LOSSES", "supervised_contrastive_loss", "ReconstructionDecoder"]
+
+LOSSES = ("ce", "supcon")
+
+
+def supervised_contrastive_loss(features: Tensor, labels: Tensor, temperature: float = 0.07,
+                                base_temperature: float = 0.07) -> Tensor:
+    """Supervised contrastive loss on one view (Khosla et al., NeurIPS 2020, Eq. 2 "L_out").
+
+    Args:
+        features: (N, D) embeddings; L2-normalised here.
+        labels: (N,) int64 class indices.
+        temperature: tau (0.07 in ContSup).
+
+    Returns:
+        0-dim fp32 loss: the mean over anchors that have at least one positive of
+        ``-(tau/tau_b) * mean_{p in P(i)} log softmax_{a != i}(z_i . z_a / tau)_p``.
+        Anchors with no positive in the batch are left out (0 if none has one).
+    """
+    z = F.normalize(features.float(), dim=1)
+    n = z.shape[0]
+    logits = z @ z.T / temperature
+    self_mask = torch.eye(n, dtype=torch.bool, device=z.device)
+    logits = logits.masked_fill(self_mask, float("-inf"))
+    log_prob = logits - torch.logsumexp(logits, dim=1, keepdim=True)
+    positives = (labels[:, None] == labels[None, :]) & ~self_mask
+    n_pos = positives.sum(1)
+    mean_log_pos = torch.where(positives, log_prob, torch.zeros_like(log_prob)).sum(1) / n_pos.clamp(min=1)
+    has_pos = n_pos > 0
+    loss = -(temperature / base_temperature) * mean_log_pos
+    return (loss * has_pos).sum() / has_pos.sum().clamp(min=1)
+
+
+class ReconstructionDecoder(nn.Module):
+    """InfoPro decoder (Wang et al., ICLR 2021, Sec. 3.3): upsample to the image size
+    (bilinear) -> Conv3x3(C->12) -> BN -> ReLU -> Conv3x3(12->3) -> sigmoid, trained with
+    binary cross-entropy against the de-normalised image in [0, 1].
+
+    The sigmoid is folded into ``binary_cross_entropy_with_logits`` (the same function,
+    numerically stable and allowed under autocast).
+    """
+
+    def __init__(self, in_channels: int, image_channels: int = 3, hidden: int = 12):
+        super().__init__()
+        self.net = nn.Sequential(
+            nn.Conv2d(in_channels, hidden, 3, padding=1), nn.BatchNorm2d(hidden), nn.ReLU(),
+            nn.Conv2d(hidden, image_channels, 3, padding=1))
+
+    def forward(self, h: Tensor, image01: Tensor) -> Tensor:
+        """h (N, C, H, W), image01 (N, 3, H_img, W_img) in [0, 1] -> 0-dim BCE loss."""
+        up = F.interpolate(h, size=image01.shape[-2:], mode="bilinear", align_corners=True)
+        return F.binary_cross_entropy_with_logits(self.net(up).float(), image01.float())
+
+
+def denormalize(x: Tensor, mean: Sequence[float], std: Sequence[float]) -> Tensor:
+    """Undo per-channel normalisation: (N, C, H, W) -> x * std + mean."""
+    m = torch.as_tensor(mean, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
+    s = torch.as_tensor(std, dtype=x.dtype, device=x.device).view(1, -1, 1, 1)
+    return x * s + m
