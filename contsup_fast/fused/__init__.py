@@ -105,4 +105,5 @@ def resolve_backend(name: str, device: torch.device | str = "cpu"):
         image_context_tail=mod.image_context_tail,
         bn_relu_gap=mod.bn_relu_gap,
         global_avg_pool=mod.global_avg_pool,
+        image_context_tail_backward=getattr(mod, "image_context_tail_backward", None),
     )
