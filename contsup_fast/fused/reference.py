@@ -54,6 +54,11 @@ def _bn_relu(y: Tensor, weight: Tensor, bias: Tensor, mean: Tensor, var: Tensor,
     return F.relu(out)
 
 
+def _stats(y: Tensor, running_mean: Tensor, running_var: Tensor, training: bool) -> Tuple[Tensor, Tensor]:
+    """Batch statistics in training, the running buffers in eval."""
+    return batch_norm_stats(y.detach()) if training else (running_mean, running_var)
+
+
 def _pool_to(z: Tensor, size: Sequence[int]) -> Tensor:
     return F.adaptive_avg_pool2d(z, tuple(size))
 
@@ -92,10 +97,7 @@ def residual_context_ref(
     for c, w, b, g, beta, rm, rv in zip(contexts, weights, biases, bn_weights, bn_biases,
                                         running_means, running_vars):
         y = F.conv2d(c, w.reshape(w.shape[0], -1, 1, 1), b)
-        if training:
-            mean, var = batch_norm_stats(y.detach())
-        else:
-            mean, var = rm, rv
+        mean, var = _stats(y, rm, rv, training)
         z = _bn_relu(y, g, beta, mean, var, eps, training)
         out = out + _pool_to(z, h.shape[-2:])
         means.append(mean)
@@ -123,10 +125,7 @@ def image_context_tail_ref(
     Returns:
         ``(out, mean, var)`` as in :func:`residual_context_ref`.
     """
-    if training:
-        mean, var = batch_norm_stats(z.detach())
-    else:
-        mean, var = running_mean, running_var
+    mean, var = _stats(z, running_mean, running_var, training)
     out = h + _pool_to(_bn_relu(z, bn_weight, bn_bias, mean, var, eps, training), h.shape[-2:])
     return out, mean, var
 
@@ -148,10 +147,7 @@ def bn_relu_gap_ref(
     Returns:
         ``(pooled, mean, var)``: ``pooled`` (N, C) in ``z``'s dtype; statistics as above.
     """
-    if training:
-        mean, var = batch_norm_stats(z.detach())
-    else:
-        mean, var = running_mean, running_var
+    mean, var = _stats(z, running_mean, running_var, training)
     pooled = _bn_relu(z, bn_weight, bn_bias, mean, var, eps, training).mean(dim=(2, 3))
     return pooled, mean, var
 
