@@ -1,0 +1,938 @@
+// contsup_fast native backend: operator schemas, CPU kernels and the device-agnostic
+// operator logic of the four fused "boundary" ops of ContSup (greedy local learning with
+// context supply, arXiv 2312.07636, Sec. 3 / Fig. 3). The plain-PyTorch specification is
+// contsup_fast/fused/reference.py; contsup_fast/_native.py registers fake (meta) kernels
+// and autograd formulas for these ops and wraps them with the reference signatures.
+//
+// Notation (per BatchNorm channel k; Ioffe & Szegedy 2015):
+//   training: mu, var = batch mean and *biased* variance over (N, H, W);
+//   eval:     mu, var = running_mean, running_var;
+//   rstd = 1/sqrt(var + eps), A = gamma*rstd, B = beta - mu*A, so bn(y) = A*y + B;
+//   relu(bn(y)) is average-pooled by exact integer factors (sh, sw) to h's size.
+// Backward of BN+ReLU with batch statistics, with g_a = dL/d(bn(y)) * [bn(y) > 0] and M the
+// number of elements per channel:
+//   dbeta = sum g_a,   dgamma = sum g_a*yhat,   dy = A*(g_a - dbeta/M - yhat*dgamma/M)
+// (eval: dy = A*g_a). See the individual ops below for what each saves.
+
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+#include <c10/core/DeviceGuard.h>
+#include <torch/library.h>
+
+#include <Python.h>
+
+#include <algorithm>
+#include <cstring>
+#include <vector>
+
+#include "contsup_ops.h"
+
+namespace contsup {
+
+using at::Tensor;
+
+// ------------------------------------------------------------------------------------
+// CPU passes
+// ------------------------------------------------------------------------------------
+namespace cpu {
+namespace {
+
+constexpr int64_t kMaxGroups = 64;             // row groups of the deterministic reductions
+constexpr int64_t kMaxPartialElems = 1 << 22;  // cap on partial-sum memory (elements)
+
+// Copy row (n, h) of x into buf[w*C + c] (channel vectors contiguous), in acc precision.
+template <typename scalar_t, typename acc_t>
+inline void gather_row(const scalar_t* x, const View4& v, int64_t n, int64_t h, acc_t* buf) {
+  const scalar_t* p = x + n * v.sN + h * v.sH;
+  if (chan_inner(v)) {
+    for (int64_t w = 0; w < v.W; ++w) {
+      const scalar_t* q = p + w * v.sW;
+      acc_t* b = buf + w * v.C;
+      for (int64_t c = 0; c < v.C; ++c) b[c] = static_cast<acc_t>(q[c * v.sC]);
+    }
+  } else {
+    for (int64_t c = 0; c < v.C; ++c) {
+      const scalar_t* q = p + c * v.sC;
+      for (int64_t w = 0; w < v.W; ++w) buf[w * v.C + c] = static_cast<acc_t>(q[w * v.sW]);
+    }
+  }
+}
+
+// Inverse of gather_row: write buf[w*C + c] into row (n, h) of x.
+template <typename scalar_t, typename acc_t>
+inline void scatter_row(scalar_t* x, const View4& v, int64_t n, int64_t h, const acc_t* buf) {
+  scalar_t* p = x + n * v.sN + h * v.sH;
+  if (chan_inner(v)) {
+    for (int64_t w = 0; w < v.W; ++w) {
+      scalar_t* q = p + w * v.sW;
+      const acc_t* b = buf + w * v.C;
+      for (int64_t c = 0; c < v.C; ++c) q[c * v.sC] = static_cast<scalar_t>(b[c]);
+    }
+  } else {
+    for (int64_t c = 0; c < v.C; ++c) {
+      scalar_t* q = p + c * v.sC;
+      for (int64_t w = 0; w < v.W; ++w) q[w * v.sW] = static_cast<scalar_t>(buf[w * v.C + c]);
+    }
+  }
+}
+
+// Deterministic reduction over `rows` rows into a vector of `width` sums. fn(row, racc,
+// scratch) adds the contribution of one row into the zeroed row accumulator racc. Rows
+// are split into a fixed number of contiguous groups (independent of the thread count);
+// row sums are added to group sums, and group sums are added in order (three-level
+// summation keeps fp32 rounding error small).
+template <typename acc_t, typename F>
+std::vector<acc_t> reduce_rows(int64_t rows, int64_t width, F fn) {
+  const int64_t groups = std::max<int64_t>(
+      1, std::min<int64_t>({rows, kMaxGroups, kMaxPartialElems / std::max<int64_t>(width, 1)}));
+  std::vector<acc_t> partial(static_cast<size_t>(groups * width), acc_t(0));
+  at::parallel_for(0, groups, 1, [&](int64_t g0, int64_t g1) {
+    std::vector<acc_t> racc(static_cast<size_t>(width));
+    std::vector<acc_t> scratch;
+    for (int64_t g = g0; g < g1; ++g) {
+      acc_t* gacc = partial.data() + g * width;
+      const int64_t r0 = rows * g / groups, r1 = rows * (g + 1) / groups;
+      for (int64_t r = r0; r < r1; ++r) {
+        std::fill(racc.begin(), racc.end(), acc_t(0));
+        fn(r, racc.data(), scratch);
+        for (int64_t i = 0; i < width; ++i) gacc[i] += racc[i];
+      }
+    }
+  });
+  std::vector<acc_t> total(static_cast<size_t>(width), acc_t(0));
+  for (int64_t g = 0; g < groups; ++g)
+    for (int64_t i = 0; i < width; ++i) total[i] += partial[g * width + i];
+  return total;
+}
+
+template <typename acc_t>
+Tensor vec_to_tensor(const std::vector<acc_t>& v, at::IntArrayRef shape,
+                     const at::TensorOptions& opts) {
+  Tensor t = at::empty(shape, opts);
+  std::memcpy(t.data_ptr<acc_t>(), v.data(), v.size() * sizeof(acc_t));
+  return t;
+}
+
+// ---- small dense products of the residual-context passes --------------------------
+// C (m x n) += op(A) * B with row-major contiguous buffers: op(A) = A stored (m x k) or,
+// when TA, the transpose of A stored (k x m). Register-blocked (4 x 8) loops; the fp32
+// version is compiled twice and picks AVX2+FMA at run time when the CPU has it. (BLAS
+// is deliberately not used: these products are small and run inside at::parallel_for,
+// where a threaded BLAS oversubscribes the cores.)
+#if defined(__GNUC__)
+#define CONTSUP_ALWAYS_INLINE __attribute__((always_inline)) inline
+#else
+#define CONTSUP_ALWAYS_INLINE inline
+#endif
+
+template <typename T, bool TA>
+CONTSUP_ALWAYS_INLINE void gemm_body(const T* A, const T* B, int64_t m, int64_t k, int64_t n, T* C) {
+  constexpr int MR = 4, NR = 8;
+  auto a_at = [&](int64_t i, int64_t l) { return TA ? A[l * m + i] : A[i * k + l]; };
+  int64_t i = 0;
+  for (; i + MR <= m; i += MR) {
+    int64_t j = 0;
+    for (; j + NR <= n; j += NR) {
+      T acc[MR][NR] = {};
+      for (int64_t l = 0; l < k; ++l) {
+        const T* b = B + l * n + j;
+        T a[MR];
+        for (int r = 0; r < MR; ++r) a[r] = a_at(i + r, l);
+        for (int r = 0; r < MR; ++r)
+          for (int q = 0; q < NR; ++q) acc[r][q] += a[r] * b[q];
+      }
+      for (int r = 0; r < MR; ++r)
+        for (int q = 0; q < NR; ++q) C[(i + r) * n + j + q] += acc[r][q];
+    }
+    for (; j < n; ++j) {
+      for (int r = 0; r < MR; ++r) {
+        T sum = T(0);
+        for (int64_t l = 0; l < k; ++l) sum += a_at(i + r, l) * B[l * n + j];
+        C[(i + r) * n + j] += sum;
+      }
+    }
+  }
+  for (; i < m; ++i) {
+    T* ci = C + i * n;
+    for (int64_t l = 0; l < k; ++l) {
+      const T ail = a_at(i, l);
+      const T* bl = B + l * n;
+      for (int64_t j = 0; j < n; ++j) ci[j] += ail * bl[j];
+    }
+  }
+}
+
+template <typename T>
+void gemm_generic(const T* A, bool ta, const T* B, int64_t m, int64_t k, int64_t n, T* C) {
+  if (ta) gemm_body<T, true>(A, B, m, k, n, C);
+  else gemm_body<T, false>(A, B, m, k, n, C);
+}
+
+#if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__))
+__attribute__((target("avx2,fma"))) void gemm_f32_avx2(const float* A, bool ta, const float* B, int64_t m,
+                                                        int64_t k, int64_t n, float* C) {
+  if (ta) gemm_body<float, true>(A, B, m, k, n, C);
+  else gemm_body<float, false>(A, B, m, k, n, C);
+}
+inline bool cpu_has_avx2_fma() {
+  static const bool ok = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  return ok;
+}
+#endif
+
+inline void gemm_acc(const float* A, bool ta, const float* B, int64_t m, int64_t k, int64_t n, float* C) {
+#if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__))
+  if (cpu_has_avx2_fma()) return gemm_f32_avx2(A, ta, B, m, k, n, C);
+#endif
+  gemm_generic<float>(A, ta, B, m, k, n, C);
+}
+inline void gemm_acc(const double* A, bool ta, const double* B, int64_t m, int64_t k, int64_t n, double* C) {
+  gemm_generic<double>(A, ta, B, m, k, n, C);
+}
+
+// grain (rows per task) so that a task has roughly >= 32k element operations
+inline int64_t row_grain(int64_t work_per_row) {
+  return std::max<int64_t>(1, 32768 / std::max<int64_t>(work_per_row, 1));
+}
+
+}  // namespace
+
+Tensor moments(const Tensor& x, const Tensor& center) {
+  const View4 v = view4(x);
+  Tensor result;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "contsup_moments_cpu", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const scalar_t* xp = x.const_data_ptr<scalar_t>();
+    const acc_t* cp = center.defined() ? center.const_data_ptr<acc_t>() : nullptr;
+    auto tot = reduce_rows<acc_t>(v.N * v.H, v.C, [&](int64_t r, acc_t* racc, std::vector<acc_t>& s) {
+      s.resize(v.W * v.C);
+      gather_row(xp, v, r / v.H, r % v.H, s.data());
+      for (int64_t w = 0; w < v.W; ++w) {
+        const acc_t* b = s.data() + w * v.C;
+        if (cp) {
+          for (int64_t c = 0; c < v.C; ++c) { const acc_t d = b[c] - cp[c]; racc[c] += d * d; }
+        } else {
+          for (int64_t c = 0; c < v.C; ++c) racc[c] += b[c];
+        }
+      }
+    });
+    result = vec_to_tensor(tot, {v.C}, x.options().dtype(c10::CppTypeToScalarType<acc_t>::value));
+  });
+  return result;
+}
+
+void pool_bn_relu(const Tensor& z, const Tensor& A, const Tensor& B, const Tensor& in,
+                  const Tensor& out, bool relu) {
+  const View4 zv = view4(z), ov = view4(out);
+  const View4 iv = in.defined() ? view4(in) : ov;
+  const int64_t Ho = ov.H, Wo = ov.W, sh = zv.H / Ho, sw = zv.W / Wo, C = zv.C;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, z.scalar_type(), "contsup_pool_bn_relu_cpu", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const scalar_t* zp = z.const_data_ptr<scalar_t>();
+    const scalar_t* ip = in.defined() ? in.const_data_ptr<scalar_t>() : nullptr;
+    scalar_t* op = out.mutable_data_ptr<scalar_t>();
+    const acc_t* Ap = A.const_data_ptr<acc_t>();
+    const acc_t* Bp = B.const_data_ptr<acc_t>();
+    const acc_t inv = acc_t(1) / static_cast<acc_t>(sh * sw);
+    at::parallel_for(0, zv.N * Ho, row_grain(sh * zv.W * C), [&](int64_t r0, int64_t r1) {
+      std::vector<acc_t> zb(zv.W * C), acc(Wo * C), ib(ip ? Wo * C : 0);
+      for (int64_t r = r0; r < r1; ++r) {
+        const int64_t n = r / Ho, ho = r % Ho;
+        std::fill(acc.begin(), acc.end(), acc_t(0));
+        for (int64_t dy = 0; dy < sh; ++dy) {
+          gather_row(zp, zv, n, ho * sh + dy, zb.data());
+          for (int64_t w = 0; w < zv.W; ++w) {
+            const acc_t* b = zb.data() + w * C;
+            acc_t* a = acc.data() + (w / sw) * C;
+            if (relu) {
+              for (int64_t c = 0; c < C; ++c) {
+                const acc_t y = Ap[c] * b[c] + Bp[c];
+                a[c] += y < acc_t(0) ? acc_t(0) : y;  // NaN propagates like F.relu
+              }
+            } else {
+              for (int64_t c = 0; c < C; ++c) a[c] += Ap[c] * b[c] + Bp[c];
+            }
+          }
+        }
+        for (auto& a : acc) a *= inv;
+        if (ip) {
+          gather_row(ip, iv, n, ho, ib.data());
+          for (int64_t i = 0; i < Wo * C; ++i) acc[i] += ib[i];
+        }
+        scatter_row(op, ov, n, ho, acc.data());
+      }
+    });
+  });
+}
+
+Tensor pool_bwd_sums(const Tensor& grad, const Tensor& z, const Tensor& A, const Tensor& B,
+                     const Tensor& mean) {
+  const View4 zv = view4(z), gv = view4(grad);
+  const int64_t C = zv.C, sh = zv.H / gv.H, sw = zv.W / gv.W;
+  Tensor result;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, z.scalar_type(), "contsup_pool_bwd_sums_cpu", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const scalar_t* zp = z.const_data_ptr<scalar_t>();
+    const scalar_t* gp = grad.const_data_ptr<scalar_t>();
+    const acc_t* Ap = A.const_data_ptr<acc_t>();
+    const acc_t* Bp = B.const_data_ptr<acc_t>();
+    const acc_t* mp = mean.const_data_ptr<acc_t>();
+    const acc_t inv = acc_t(1) / static_cast<acc_t>(sh * sw);
+    auto tot = reduce_rows<acc_t>(zv.N * zv.H, 2 * C, [&](int64_t r, acc_t* racc, std::vector<acc_t>& s) {
+      const int64_t n = r / zv.H, h = r % zv.H;
+      s.resize(zv.W * C + gv.W * C);
+      acc_t* zb = s.data();
+      acc_t* gb = zb + zv.W * C;
+      gather_row(zp, zv, n, h, zb);
+      gather_row(gp, gv, n, h / sh, gb);
+      for (int64_t w = 0; w < zv.W; ++w) {
+        const acc_t* zr = zb + w * C;
+        const acc_t* gr = gb + (w / sw) * C;
+        for (int64_t c = 0; c < C; ++c) {
+          const acc_t ga = (Ap[c] * zr[c] + Bp[c] > acc_t(0)) ? gr[c] * inv : acc_t(0);
+          racc[c] += ga;
+          racc[C + c] += ga * (zr[c] - mp[c]);
+        }
+      }
+    });
+    result = vec_to_tensor(tot, {2, C}, z.options().dtype(c10::CppTypeToScalarType<acc_t>::value));
+  });
+  return result;
+}
+
+void pool_bwd_dz(const Tensor& grad, const Tensor& z, const Tensor& A, const Tensor& B,
+                 const Tensor& mean, const Tensor& Q, const Tensor& R, const Tensor& dz) {
+  const View4 zv = view4(z), gv = view4(grad), dv = view4(dz);
+  const int64_t C = zv.C, sh = zv.H / gv.H, sw = zv.W / gv.W;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, z.scalar_type(), "contsup_pool_bwd_dz_cpu", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const scalar_t* zp = z.const_data_ptr<scalar_t>();
+    const scalar_t* gp = grad.const_data_ptr<scalar_t>();
+    scalar_t* dp = dz.mutable_data_ptr<scalar_t>();
+    const acc_t *Ap = A.const_data_ptr<acc_t>(), *Bp = B.const_data_ptr<acc_t>();
+    const acc_t *mp = mean.const_data_ptr<acc_t>(), *Qp = Q.const_data_ptr<acc_t>(),
+                *Rp = R.const_data_ptr<acc_t>();
+    const acc_t inv = acc_t(1) / static_cast<acc_t>(sh * sw);
+    at::parallel_for(0, zv.N * zv.H, row_grain(zv.W * C), [&](int64_t r0, int64_t r1) {
+      std::vector<acc_t> zb(zv.W * C), gb(gv.W * C);
+      for (int64_t r = r0; r < r1; ++r) {
+        const int64_t n = r / zv.H, h = r % zv.H;
+        gather_row(zp, zv, n, h, zb.data());
+        gather_row(gp, gv, n, h / sh, gb.data());
+        for (int64_t w = 0; w < zv.W; ++w) {
+          acc_t* zr = zb.data() + w * C;
+          const acc_t* gr = gb.data() + (w / sw) * C;
+          for (int64_t c = 0; c < C; ++c) {
+            const acc_t x = zr[c];
+            const acc_t ga = (Ap[c] * x + Bp[c] > acc_t(0)) ? gr[c] * inv : acc_t(0);
+            zr[c] = Ap[c] * ga - Qp[c] - (x - mp[c]) * Rp[c];
+          }
+        }
+        scatter_row(dp, dv, n, h, zb.data());
+      }
+    });
+  });
+}
+
+Tensor comoment(const Tensor& c, const Tensor& mean) {
+  const View4 v = view4(c);
+  const int64_t Cr = v.C;
+  Tensor result;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, c.scalar_type(), "contsup_comoment_cpu", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const scalar_t* cp = c.const_data_ptr<scalar_t>();
+    const acc_t* mp = mean.const_data_ptr<acc_t>();
+    auto tot = reduce_rows<acc_t>(v.N * v.H, Cr * Cr, [&](int64_t r, acc_t* racc, std::vector<acc_t>& s) {
+      s.resize(v.W * Cr);
+      acc_t* d = s.data();
+      gather_row(cp, v, r / v.H, r % v.H, d);
+      for (int64_t w = 0; w < v.W; ++w)
+        for (int64_t j = 0; j < Cr; ++j) d[w * Cr + j] -= mp[j];
+      gemm_acc(d, true, d, Cr, v.W, Cr, racc);  // racc += D^T D
+    });
+    result = vec_to_tensor(tot, {Cr, Cr}, c.options().dtype(c10::CppTypeToScalarType<acc_t>::value));
+  });
+  return result;
+}
+
+void residual_out(const Tensor& c, const Tensor& Wt, const Tensor& bp, const Tensor& in,
+                  const Tensor& out) {
+  const View4 cv = view4(c), ov = view4(out), iv = view4(in);
+  const int64_t Cr = cv.C, C = ov.C, Ho = ov.H, Wo = ov.W, sh = cv.H / Ho, sw = cv.W / Wo;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, c.scalar_type(), "contsup_residual_out_cpu", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const scalar_t* cp = c.const_data_ptr<scalar_t>();
+    const scalar_t* ip = in.const_data_ptr<scalar_t>();
+    scalar_t* op = out.mutable_data_ptr<scalar_t>();
+    const acc_t* wt = Wt.const_data_ptr<acc_t>();
+    const acc_t* bq = bp.const_data_ptr<acc_t>();
+    const acc_t inv = acc_t(1) / static_cast<acc_t>(sh * sw);
+    const int64_t P = sh * cv.W;  // context pixels of one output row
+    at::parallel_for(0, cv.N * Ho, row_grain(P * Cr * C), [&](int64_t r0, int64_t r1) {
+      std::vector<acc_t> cb(P * Cr), y(P * C), acc(Wo * C), ib(Wo * C);
+      for (int64_t r = r0; r < r1; ++r) {
+        const int64_t n = r / Ho, ho = r % Ho;
+        for (int64_t dy = 0; dy < sh; ++dy) gather_row(cp, cv, n, ho * sh + dy, cb.data() + dy * cv.W * Cr);
+        for (int64_t p = 0; p < P; ++p) std::copy(bq, bq + C, y.data() + p * C);
+        gemm_acc(cb.data(), false, wt, P, Cr, C, y.data());  // y = b' + c W'^T
+        std::fill(acc.begin(), acc.end(), acc_t(0));
+        for (int64_t p = 0; p < P; ++p) {
+          const acc_t* yp = y.data() + p * C;
+          acc_t* a = acc.data() + ((p % cv.W) / sw) * C;
+          for (int64_t k = 0; k < C; ++k) a[k] += yp[k] < acc_t(0) ? acc_t(0) : yp[k];
+        }
+        gather_row(ip, iv, n, ho, ib.data());
+        for (int64_t i = 0; i < Wo * C; ++i) acc[i] = ib[i] + acc[i] * inv;
+        scatter_row(op, ov, n, ho, acc.data());
+      }
+    });
+  });
+}
+
+std::tuple<Tensor, Tensor> residual_bwd_sums(const Tensor& grad, const Tensor& c,
+                                             const Tensor& Wt, const Tensor& bp,
+                                             const Tensor& center) {
+  const View4 cv = view4(c), gv = view4(grad);
+  const int64_t Cr = cv.C, C = gv.C, sh = cv.H / gv.H, sw = cv.W / gv.W;
+  Tensor G, Sg;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, c.scalar_type(), "contsup_residual_bwd_cpu", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const scalar_t* cp = c.const_data_ptr<scalar_t>();
+    const scalar_t* gp = grad.const_data_ptr<scalar_t>();
+    const acc_t* wt = Wt.const_data_ptr<acc_t>();
+    const acc_t* bq = bp.const_data_ptr<acc_t>();
+    const acc_t* ctr = center.const_data_ptr<acc_t>();
+    const acc_t inv = acc_t(1) / static_cast<acc_t>(sh * sw);
+    const int64_t Wc = cv.W;
+    // row accumulator: [G (C x Cr) | Sg (C)]
+    auto tot = reduce_rows<acc_t>(cv.N * cv.H, C * Cr + C, [&](int64_t r, acc_t* racc, std::vector<acc_t>& s) {
+      const int64_t n = r / cv.H, h = r % cv.H;
+      s.resize(Wc * Cr + gv.W * C + Wc * C);
+      acc_t* cb = s.data();
+      acc_t* gb = cb + Wc * Cr;
+      acc_t* y = gb + gv.W * C;  // y, then g_a in place
+      gather_row(cp, cv, n, h, cb);
+      gather_row(gp, gv, n, h / sh, gb);
+      for (int64_t p = 0; p < Wc; ++p) std::copy(bq, bq + C, y + p * C);
+      gemm_acc(cb, false, wt, Wc, Cr, C, y);  // y = b' + c W'^T  (pre-activation, BN folded in)
+      acc_t* Sgr = racc + C * Cr;
+      for (int64_t p = 0; p < Wc; ++p) {
+        acc_t* yp = y + p * C;
+        const acc_t* gr = gb + (p / sw) * C;
+        for (int64_t k = 0; k < C; ++k) {
+          yp[k] = yp[k] > acc_t(0) ? gr[k] * inv : acc_t(0);  // g_a
+          Sgr[k] += yp[k];
+        }
+      }
+      for (int64_t p = 0; p < Wc; ++p)
+        for (int64_t j = 0; j < Cr; ++j) cb[p * Cr + j] -= ctr[j];
+      gemm_acc(y, true, cb, C, Wc, Cr, racc);  // G += g_a^T (c - center)
+    });
+    const auto opts = c.options().dtype(c10::CppTypeToScalarType<acc_t>::value);
+    std::vector<acc_t> gpart(tot.begin(), tot.begin() + C * Cr), spart(tot.begin() + C * Cr, tot.end());
+    G = vec_to_tensor(gpart, {C, Cr}, opts);
+    Sg = vec_to_tensor(spart, {C}, opts);
+  });
+  return {G, Sg};
+}
+
+}  // namespace cpu
+
+// ------------------------------------------------------------------------------------
+// Device-agnostic operator logic
+// ------------------------------------------------------------------------------------
+namespace {
+
+#if defined(CONTSUP_CUDA_EMULATION)
+// test-only build: the CUDA kernels' code run on CPU threads by an emulator
+#define CONTSUP_PASS(name, dev) (&cuda::name)
+#elif defined(CONTSUP_WITH_CUDA)
+#define CONTSUP_PASS(name, dev) ((dev).is_cuda() ? &cuda::name : &cpu::name)
+#else
+#define CONTSUP_PASS(name, dev) (&cpu::name)
+#endif
+
+void check_supported_device(const Tensor& t, const char* name) {
+#ifdef CONTSUP_WITH_CUDA
+  TORCH_CHECK(t.device().is_cpu() || t.device().is_cuda(), "contsup: ", name,
+              " must be a CPU or CUDA tensor, got device ", t.device());
+#else
+  TORCH_CHECK(t.device().is_cpu(), "contsup: ", name, " is on device ", t.device(),
+              ", but this build of contsup_fast._C has only CPU kernels (rebuild with a CUDA "
+              "toolkit to get the CUDA kernels)");
+#endif
+}
+
+void check_dtype(const Tensor& t, const char* name) {
+  const auto s = t.scalar_type();
+  TORCH_CHECK(s == at::kFloat || s == at::kDouble || s == at::kHalf || s == at::kBFloat16,
+              "contsup: ", name, " must have dtype float32, float64, float16 or bfloat16, got ", s);
+}
+
+void check_feature_map(const Tensor& t, const char* name) {
+  TORCH_CHECK(t.dim() == 4, "contsup: ", name, " must be a 4-D (N, C, H, W) tensor, got a ",
+              t.dim(), "-D tensor of shape ", t.sizes());
+  for (int d = 0; d < 4; ++d)
+    TORCH_CHECK(t.size(d) > 0, "contsup: ", name, " must be non-empty, got shape ", t.sizes());
+  TORCH_CHECK(t.numel() < (int64_t(1) << 31), "contsup: ", name, " has ", t.numel(),
+              " elements; at most 2^31 - 1 are supported");
+  check_dtype(t, name);
+  check_supported_device(t, name);
+}
+
+void check_same_device(const Tensor& t, const Tensor& ref, const std::string& name,
+                       const char* ref_name) {
+  TORCH_CHECK(t.device() == ref.device(), "contsup: ", name, " is on device ", t.device(), " but ",
+              ref_name, " is on device ", ref.device(), "; all tensors must be on the same device");
+}
+
+void check_channel_vec(const Tensor& t, int64_t C, const std::string& name, const Tensor& ref,
+                       const char* ref_name) {
+  TORCH_CHECK(t.defined(), "contsup: ", name, " must be a tensor, got None");
+  TORCH_CHECK(t.dim() == 1 && t.size(0) == C, "contsup: ", name, " must have shape (", C,
+              ",) to match the ", C, " channels of ", ref_name, ", got shape ", t.sizes());
+  check_dtype(t, name.c_str());
+  check_same_device(t, ref, name, ref_name);
+}
+
+// Integer pooling factors (sh, sw) from an input spatial size to an output spatial size.
+std::pair<int64_t, int64_t> pool_factors(const Tensor& x, const Tensor& ref, const std::string& name,
+                                         const char* ref_name) {
+  const int64_t H = x.size(2), W = x.size(3), Ho = ref.size(2), Wo = ref.size(3);
+  TORCH_CHECK(H % Ho == 0 && W % Wo == 0, "contsup: ", name, " has spatial size ", H, "x", W,
+              ", which is not an integer multiple of the spatial size ", Ho, "x", Wo, " of ",
+              ref_name, "; expected (s*", Ho, ", s*", Wo, ") for a positive integer s");
+  return {H / Ho, W / Wo};
+}
+
+inline at::ScalarType acc_dtype(const Tensor& x) {
+  return x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+inline Tensor to_acc(const Tensor& t, at::ScalarType acc) {
+  return t.to(acc).contiguous();
+}
+
+// BatchNorm statistics of z over (N, H, W): two deterministic passes (mean, then centred
+// second moment) -- avoids the cancellation of E[z^2] - E[z]^2.
+std::tuple<Tensor, Tensor> channel_stats(const Tensor& z) {
+  const double M = static_cast<double>(z.numel() / z.size(1));
+  auto moments = CONTSUP_PASS(moments, z.device());
+  Tensor mean = moments(z, Tensor()).div_(M);
+  Tensor var = moments(z, mean).div_(M);
+  return {mean, var};
+}
+
+void check_training_count(int64_t M, bool training, const char* name) {
+  TORCH_CHECK(!training || M > 1, "contsup: expected more than 1 value per channel when training "
+              "(BatchNorm over ", name, "), got ", M);
+}
+
+// ---------------------------- bn -> relu -> pool (ops 2 and 3) -----------------------
+// Forward shared by image_context_tail (h given, out = h + pool) and bn_relu_gap
+// (out = pooled (N, C)). Returns (out, mean, var) with fp32/fp64 statistics.
+std::tuple<Tensor, Tensor, Tensor> bn_relu_pool_forward(const Tensor& z, const Tensor& h,
+                                                        const Tensor& gamma, const Tensor& beta,
+                                                        const Tensor& rm, const Tensor& rv,
+                                                        bool training, double eps) {
+  const int64_t C = z.size(1);
+  const auto acc = acc_dtype(z);
+  check_training_count(z.numel() / C, training, "z");
+  Tensor mean, var;
+  if (training) {
+    std::tie(mean, var) = channel_stats(z);
+  } else {
+    mean = rm.to(acc, /*non_blocking=*/false, /*copy=*/true);
+    var = rv.to(acc, false, true);
+  }
+  Tensor rstd = (var + eps).rsqrt();
+  Tensor A = to_acc(gamma, acc) * rstd;
+  Tensor B = to_acc(beta, acc) - mean * A;
+  Tensor out, out4;
+  if (h.defined()) {
+    out = at::empty_like(h);
+    out4 = out;
+  } else {
+    out = at::empty({z.size(0), C}, z.options());
+    out4 = out.view({z.size(0), C, 1, 1});
+  }
+  CONTSUP_PASS(pool_bn_relu, z.device())(z, A, B, h, out4, /*relu=*/true);
+  return {out, mean, var};
+}
+
+// Backward shared by ops 2 and 3: grad (N, C, Ho, Wo) of the pooled output.
+std::tuple<Tensor, Tensor, Tensor> bn_relu_pool_backward(const Tensor& grad_in, const Tensor& z,
+                                                         const Tensor& gamma, const Tensor& beta,
+                                                         const Tensor& mean_in,
+                                                         const Tensor& var_in, bool training,
+                                                         double eps) {
+  const auto acc = acc_dtype(z);
+  const double M = static_cast<double>(z.numel() / z.size(1));
+  const Tensor grad = grad_in.scalar_type() == z.scalar_type() ? grad_in : grad_in.to(z.scalar_type());
+  const Tensor mean = to_acc(mean_in, acc), var = to_acc(var_in, acc);
+  Tensor rstd = (var + eps).rsqrt();
+  Tensor A = to_acc(gamma, acc) * rstd;
+  Tensor B = to_acc(beta, acc) - mean * A;
+  Tensor sums = CONTSUP_PASS(pool_bwd_sums, z.device())(grad, z, A, B, mean);  // (2, C)
+  Tensor Sg = sums[0], Sgy = sums[1];
+  Tensor dgamma = Sgy * rstd;  // sum g_a * yhat
+  Tensor dbeta = Sg.clone();
+  Tensor Q, R;
+  if (training) {
+    Q = (A * Sg).div_(M).contiguous();
+    R = (A * rstd * rstd * Sgy).div_(M).contiguous();
+  } else {
+    Q = at::zeros_like(Sg);
+    R = at::zeros_like(Sg);
+  }
+  Tensor dz = at::empty_like(z);
+  CONTSUP_PASS(pool_bwd_dz, z.device())(grad, z, A, B, mean, Q, R, dz);
+  return {dz, dgamma.to(gamma.scalar_type()), dbeta.to(beta.scalar_type())};
+}
+
+void check_bn_params(const Tensor& z, const char* zname, const Tensor& gamma, const Tensor& beta,
+                     const Tensor& m, const Tensor& v, const char* mname, const char* vname) {
+  const int64_t C = z.size(1);
+  check_channel_vec(gamma, C, "bn_weight", z, zname);
+  check_channel_vec(beta, C, "bn_bias", z, zname);
+  check_channel_vec(m, C, mname, z, zname);
+  check_channel_vec(v, C, vname, z, zname);
+}
+
+}  // namespace
+
+// ---------------------------------- op 2 --------------------------------------------
+// image_context_tail: out = h + avgpool_s(relu(bn(z))).
+//   h (N, C, H, W), z (N, C, s*H, s*W) same dtype as h; params (C,) any float dtype.
+//   Returns (out in h's dtype/format, mean, var) fp32 (fp64 for fp64 z).
+//   Autograd (contsup_fast/_native.py) saves z, bn_weight, bn_bias and the returned
+//   (mean, var) only -- no normalised/activated copy of z.
+std::tuple<Tensor, Tensor, Tensor> image_context_tail(const Tensor& h, const Tensor& z,
+                                                      const Tensor& bn_weight, const Tensor& bn_bias,
+                                                      const Tensor& running_mean,
+                                                      const Tensor& running_var, bool training,
+                                                      double eps) {
+  check_feature_map(h, "h");
+  check_feature_map(z, "z");
+  check_same_device(z, h, "z", "h");
+  TORCH_CHECK(z.scalar_type() == h.scalar_type(), "contsup: z and h must have the same dtype, got ",
+              z.scalar_type(), " and ", h.scalar_type());
+  TORCH_CHECK(z.size(0) == h.size(0) && z.size(1) == h.size(1), "contsup: z must have the batch size "
+              "and channels of h (N=", h.size(0), ", C=", h.size(1), "), got shape ", z.sizes());
+  pool_factors(z, h, "z", "h");
+  check_bn_params(z, "z", bn_weight, bn_bias, running_mean, running_var, "running_mean", "running_var");
+  c10::OptionalDeviceGuard guard(h.device());
+  return bn_relu_pool_forward(z, h, bn_weight, bn_bias, running_mean, running_var, training, eps);
+}
+
+// grads (grad_z, grad_bn_weight, grad_bn_bias) of image_context_tail; `mean`/`var` are the
+// statistics returned by the forward (batch stats in training, running stats in eval).
+std::tuple<Tensor, Tensor, Tensor> image_context_tail_backward(const Tensor& grad_out, const Tensor& z,
+                                                               const Tensor& bn_weight,
+                                                               const Tensor& bn_bias,
+                                                               const Tensor& mean, const Tensor& var,
+                                                               bool training, double eps) {
+  check_feature_map(z, "z");
+  check_feature_map(grad_out, "grad_out");
+  check_same_device(grad_out, z, "grad_out", "z");
+  TORCH_CHECK(grad_out.size(0) == z.size(0) && grad_out.size(1) == z.size(1),
+              "contsup: grad_out must have the batch size and channels of z, got ", grad_out.sizes(),
+              " and ", z.sizes());
+  pool_factors(z, grad_out, "z", "grad_out");
+  check_bn_params(z, "z", bn_weight, bn_bias, mean, var, "mean", "var");
+  check_training_count(z.numel() / z.size(1), training, "z");
+  c10::OptionalDeviceGuard guard(z.device());
+  return bn_relu_pool_backward(grad_out, z, bn_weight, bn_bias, mean, var, training, eps);
+}
+
+// ---------------------------------- op 3 --------------------------------------------
+// bn_relu_gap: pooled (N, C) = mean_{H,W} relu(bn(z)), in z's dtype; + (mean, var).
+//   Autograd (contsup_fast/_native.py) saves z, bn_weight, bn_bias and the returned
+//   (mean, var) only -- no normalised/activated copy of z.
+std::tuple<Tensor, Tensor, Tensor> bn_relu_gap(const Tensor& z, const Tensor& bn_weight,
+                                               const Tensor& bn_bias, const Tensor& running_mean,
+                                               const Tensor& running_var, bool training, double eps) {
+  check_feature_map(z, "z");
+  check_bn_params(z, "z", bn_weight, bn_bias, running_mean, running_var, "running_mean", "running_var");
+  c10::OptionalDeviceGuard guard(z.device());
+  return bn_relu_pool_forward(z, Tensor(), bn_weight, bn_bias, running_mean, running_var, training, eps);
+}
+
+std::tuple<Tensor, Tensor, Tensor> bn_relu_gap_backward(const Tensor& grad_pooled, const Tensor& z,
+                                                        const Tensor& bn_weight, const Tensor& bn_bias,
+                                                        const Tensor& mean, const Tensor& var,
+                                                        bool training, double eps) {
+  check_feature_map(z, "z");
+  check_same_device(grad_pooled, z, "grad_pooled", "z");
+  TORCH_CHECK(grad_pooled.dim() == 2 && grad_pooled.size(0) == z.size(0) && grad_pooled.size(1) == z.size(1),
+              "contsup: grad_pooled must have shape (", z.size(0), ", ", z.size(1), "), got ",
+              grad_pooled.sizes());
+  check_bn_params(z, "z", bn_weight, bn_bias, mean, var, "mean", "var");
+  check_training_count(z.numel() / z.size(1), training, "z");
+  c10::OptionalDeviceGuard guard(z.device());
+  return bn_relu_pool_backward(grad_pooled.unsqueeze(-1).unsqueeze(-1), z, bn_weight, bn_bias, mean,
+                               var, training, eps);
+}
+
+// ---------------------------------- op 4 --------------------------------------------
+// global_avg_pool: (N, C, H, W) -> (N, C) in h's dtype. Saves nothing but h's size/format.
+Tensor global_avg_pool(const Tensor& h) {
+  check_feature_map(h, "h");
+  c10::OptionalDeviceGuard guard(h.device());
+  const auto acc = acc_dtype(h);
+  const int64_t N = h.size(0), C = h.size(1);
+  Tensor out = at::empty({N, C}, h.options());
+  Tensor ones = at::ones({C}, h.options().dtype(acc)), zeros = at::zeros({C}, h.options().dtype(acc));
+  CONTSUP_PASS(pool_bn_relu, h.device())(h, ones, zeros, Tensor(), out.view({N, C, 1, 1}), /*relu=*/false);
+  return out;
+}
+
+Tensor global_avg_pool_backward(const Tensor& grad_pooled, at::IntArrayRef input_size, bool channels_last) {
+  TORCH_CHECK(input_size.size() == 4, "contsup: input_size must have 4 entries (N, C, H, W), got ",
+              input_size);
+  TORCH_CHECK(grad_pooled.dim() == 2 && grad_pooled.size(0) == input_size[0] &&
+                  grad_pooled.size(1) == input_size[1],
+              "contsup: grad_pooled must have shape (", input_size[0], ", ", input_size[1], "), got ",
+              grad_pooled.sizes());
+  c10::OptionalDeviceGuard guard(grad_pooled.device());
+  const double area = static_cast<double>(input_size[2] * input_size[3]);
+  Tensor grad_h = at::empty(input_size, grad_pooled.options().memory_format(
+                                            channels_last ? at::MemoryFormat::ChannelsLast
+                                                          : at::MemoryFormat::Contiguous));
+  grad_h.copy_((grad_pooled / area).unsqueeze(-1).unsqueeze(-1).expand(input_size));
+  return grad_h;
+}
+
+// ---------------------------------- op 1 --------------------------------------------
+// residual_context: out = h + sum_r avgpool_{s_r}(relu(bn_r(conv1x1_r(c_r)))).
+//   h (N, C, H, W); contexts[r] (N, C_r, s_r*H, s_r*W) in h's dtype (no gradient);
+//   weights[r] (C, C_r) or (C, C_r, 1, 1); biases / bn params / running stats (C,).
+// The 1x1-conv output y = W c + b is never materialised. Its batch statistics follow from
+// the first and second moments of c (ContSup Sec. 3 x BatchNorm):
+//   mean_y = W m_c + b,   var_y = diag(W S W^T),   S = biased covariance of c over pixels.
+// Returns (out, means (R, C), vars (R, C), ctx_moments) where ctx_moments concatenates,
+// per term, [m_c (C_r), S (C_r*C_r)] in training (zeros in eval): everything the backward
+// needs besides c and the parameters.
+std::tuple<Tensor, Tensor, Tensor, Tensor> residual_context(
+    const Tensor& h, at::TensorList contexts, at::TensorList weights, at::TensorList biases,
+    at::TensorList bn_weights, at::TensorList bn_biases, at::TensorList running_means,
+    at::TensorList running_vars, bool training, double eps) {
+  check_feature_map(h, "h");
+  const int64_t R = static_cast<int64_t>(contexts.size());
+  TORCH_CHECK(static_cast<int64_t>(weights.size()) == R && static_cast<int64_t>(biases.size()) == R &&
+                  static_cast<int64_t>(bn_weights.size()) == R &&
+                  static_cast<int64_t>(bn_biases.size()) == R &&
+                  static_cast<int64_t>(running_means.size()) == R &&
+                  static_cast<int64_t>(running_vars.size()) == R,
+              "contsup: contexts, weights, biases, bn_weights, bn_biases, running_means and "
+              "running_vars must have the same length, got ", contexts.size(), ", ", weights.size(), ", ",
+              biases.size(), ", ", bn_weights.size(), ", ", bn_biases.size(), ", ", running_means.size(),
+              ", ", running_vars.size());
+  c10::OptionalDeviceGuard guard(h.device());
+  const int64_t N = h.size(0), C = h.size(1);
+  const auto acc = acc_dtype(h);
+  const auto acc_opts = h.options().dtype(acc);
+
+  // validate everything before launching anything
+  std::vector<Tensor> Ws;
+  int64_t moments_size = 0;
+  for (int64_t r = 0; r < R; ++r) {
+    const std::string i = "[" + std::to_string(r) + "]";
+    const Tensor& c = contexts[r];
+    check_feature_map(c, ("contexts" + i).c_str());
+    check_same_device(c, h, "contexts" + i, "h");
+    TORCH_CHECK(c.scalar_type() == h.scalar_type(), "contsup: contexts", i, " must have h's dtype ",
+                h.scalar_type(), ", got ", c.scalar_type());
+    TORCH_CHECK(c.size(0) == N, "contsup: contexts", i, " has batch size ", c.size(0),
+                " but h has batch size ", N);
+    pool_factors(c, h, "contexts" + i, "h");
+    const int64_t Cr = c.size(1);
+    const Tensor& w = weights[r];
+    TORCH_CHECK((w.dim() == 2 || (w.dim() == 4 && w.size(2) == 1 && w.size(3) == 1)) &&
+                    w.size(0) == C && w.size(1) == Cr,
+                "contsup: weights", i, " must have shape (", C, ", ", Cr, ") or (", C, ", ", Cr,
+                ", 1, 1) (C = h's channels, C_r = contexts", i, "'s channels), got ", w.sizes());
+    check_dtype(w, ("weights" + i).c_str());
+    check_same_device(w, h, "weights" + i, "h");
+    check_channel_vec(biases[r], C, "biases" + i, h, "h");
+    check_channel_vec(bn_weights[r], C, "bn_weights" + i, h, "h");
+    check_channel_vec(bn_biases[r], C, "bn_biases" + i, h, "h");
+    check_channel_vec(running_means[r], C, "running_means" + i, h, "h");
+    check_channel_vec(running_vars[r], C, "running_vars" + i, h, "h");
+    check_training_count(c.numel() / Cr, training, ("the 1x1 conv output of contexts" + i).c_str());
+    Ws.push_back(w.reshape({C, Cr}).to(acc).contiguous());
+    moments_size += Cr + Cr * Cr;
+  }
+
+  Tensor out = at::empty_like(h);
+  Tensor ctx_moments = at::zeros({moments_size}, acc_opts);
+  std::vector<Tensor> means, vars;
+  auto moments_pass = CONTSUP_PASS(moments, h.device());
+  auto comoment_pass = CONTSUP_PASS(comoment, h.device());
+  auto out_pass = CONTSUP_PASS(residual_out, h.device());
+  int64_t off = 0;
+  for (int64_t r = 0; r < R; ++r) {
+    const Tensor& c = contexts[r];
+    const int64_t Cr = c.size(1);
+    const double M = static_cast<double>(c.numel() / Cr);
+    const Tensor& W = Ws[r];
+    const Tensor b = to_acc(biases[r], acc);
+    Tensor mean_y, var_y;
+    if (training) {
+      Tensor m = moments_pass(c, Tensor()).div_(M);
+      Tensor S = comoment_pass(c, m).div_(M);
+      mean_y = at::addmv(b, W, m);
+      var_y = (at::mm(W, S) * W).sum(1).clamp_min_(0);
+      ctx_moments.narrow(0, off, Cr).copy_(m);
+      ctx_moments.narrow(0, off + Cr, Cr * Cr).copy_(S.reshape({-1}));
+    } else {
+      mean_y = running_means[r].to(acc, false, true);
+      var_y = running_vars[r].to(acc, false, true);
+    }
+    off += Cr + Cr * Cr;
+    // fold BN into the conv: relu(A (W c + b) + B) = relu(W' c + b')
+    Tensor A = to_acc(bn_weights[r], acc) * (var_y + eps).rsqrt();
+    Tensor B = to_acc(bn_biases[r], acc) - mean_y * A;
+    Tensor Wt = (W * A.unsqueeze(1)).t().contiguous();  // (Cr, C)
+    Tensor bp = (A * b + B).contiguous();
+    out_pass(c, Wt, bp, r == 0 ? h : out, out);
+    means.push_back(mean_y);
+    vars.push_back(var_y);
+  }
+  if (R == 0) out.copy_(h);
+  Tensor means_t = R ? at::stack(means) : at::empty({0, C}, acc_opts);
+  Tensor vars_t = R ? at::stack(vars) : at::empty({0, C}, acc_opts);
+  return {out, means_t, vars_t, ctx_moments};
+}
+
+// Parameter gradients of residual_context (h and the contexts get none here; the Python
+// autograd formula passes grad_out through to h). One pass over (c, grad_out) per term
+// gathers G = sum_p g_a (c_p - m_c)^T (C x C_r) and Sg = sum_p g_a (C), recomputing
+// y = W c + b and the ReLU mask on the fly; then, with A = gamma*rstd,
+//   training: dbeta = Sg, dgamma = rstd * rowsum(W o G),
+//             dW = A o (G - (dgamma*rstd) o (W S)),  db = 0  (exactly: sum of yhat is 0);
+//   eval:     dbeta = Sg, dgamma = rstd * (rowsum(W o G) + (b - mu) Sg),
+//             dW = A o G,  db = A Sg       (G uncentred).
+std::tuple<std::vector<Tensor>, std::vector<Tensor>, std::vector<Tensor>, std::vector<Tensor>>
+residual_context_backward(const Tensor& grad_out_in, at::TensorList contexts, at::TensorList weights,
+                          at::TensorList biases, at::TensorList bn_weights, at::TensorList bn_biases,
+                          const Tensor& means, const Tensor& vars, const Tensor& ctx_moments,
+                          bool training, double eps) {
+  check_feature_map(grad_out_in, "grad_out");
+  const int64_t R = static_cast<int64_t>(contexts.size());
+  TORCH_CHECK(static_cast<int64_t>(weights.size()) == R && static_cast<int64_t>(biases.size()) == R &&
+                  static_cast<int64_t>(bn_weights.size()) == R && static_cast<int64_t>(bn_biases.size()) == R,
+              "contsup: contexts, weights, biases, bn_weights and bn_biases must have the same length");
+  c10::OptionalDeviceGuard guard(grad_out_in.device());
+  const int64_t C = grad_out_in.size(1);
+  TORCH_CHECK(means.dim() == 2 && means.size(0) == R && means.size(1) == C && vars.sizes() == means.sizes(),
+              "contsup: means and vars must have shape (", R, ", ", C, "), got ", means.sizes(), " and ",
+              vars.sizes());
+  std::vector<Tensor> dWs, dbs, dgs, dbetas;
+  int64_t off = 0;
+  auto bwd_pass = CONTSUP_PASS(residual_bwd_sums, grad_out_in.device());
+  for (int64_t r = 0; r < R; ++r) {
+    const std::string i = "[" + std::to_string(r) + "]";
+    const Tensor& c = contexts[r];
+    check_feature_map(c, ("contexts" + i).c_str());
+    check_same_device(c, grad_out_in, "contexts" + i, "grad_out");
+    pool_factors(c, grad_out_in, "contexts" + i, "grad_out");
+    const int64_t Cr = c.size(1);
+    TORCH_CHECK(weights[r].numel() == C * Cr, "contsup: weights", i, " must have C*C_r = ", C * Cr,
+                " elements, got shape ", weights[r].sizes());
+    TORCH_CHECK(ctx_moments.numel() >= off + Cr + Cr * Cr, "contsup: ctx_moments is too short (",
+                ctx_moments.numel(), " elements) for the given contexts");
+    const auto acc = acc_dtype(c);
+    const Tensor grad_out = grad_out_in.scalar_type() == c.scalar_type() ? grad_out_in
+                                                                         : grad_out_in.to(c.scalar_type());
+    const Tensor W = weights[r].reshape({C, Cr}).to(acc).contiguous();
+    const Tensor b = to_acc(biases[r], acc);
+    const Tensor mean_y = to_acc(means[r], acc), var_y = to_acc(vars[r], acc);
+    const Tensor rstd = (var_y + eps).rsqrt();
+    const Tensor A = to_acc(bn_weights[r], acc) * rstd;
+    const Tensor B = to_acc(bn_biases[r], acc) - mean_y * A;
+    const Tensor Wt = (W * A.unsqueeze(1)).t().contiguous();
+    const Tensor bp = (A * b + B).contiguous();
+    const Tensor mom = ctx_moments.to(acc);
+    const Tensor m = training ? mom.narrow(0, off, Cr).contiguous() : at::zeros({Cr}, b.options());
+    Tensor G, Sg;
+    std::tie(G, Sg) = bwd_pass(grad_out, c, Wt, bp, m);
+    Tensor WG = (W * G).sum(1);
+    Tensor dgamma, dW, db;
+    if (training) {
+      const Tensor S = mom.narrow(0, off + Cr, Cr * Cr).view({Cr, Cr});
+      dgamma = rstd * WG;
+      dW = A.unsqueeze(1) * (G - (dgamma * rstd).unsqueeze(1) * at::mm(W, S));
+      db = at::zeros_like(Sg);
+    } else {
+      dgamma = rstd * (WG + (b - mean_y) * Sg);
+      dW = A.unsqueeze(1) * G;
+      db = A * Sg;
+    }
+    off += Cr + Cr * Cr;
+    dWs.push_back(dW.reshape(weights[r].sizes()).to(weights[r].scalar_type()));
+    dbs.push_back(db.to(biases[r].scalar_type()));
+    dgs.push_back(dgamma.to(bn_weights[r].scalar_type()));
+    dbetas.push_back(Sg.to(bn_biases[r].scalar_type(), false, true));
+  }
+  return {dWs, dbs, dgs, dbetas};
+}
+
+}  // namespace contsup
+
+// ------------------------------------------------------------------------------------
+// Registration
+// ------------------------------------------------------------------------------------
+TORCH_LIBRARY(contsup, m) {
+  m.def("residual_context(Tensor h, Tensor[] contexts, Tensor[] weights, Tensor[] biases, "
+        "Tensor[] bn_weights, Tensor[] bn_biases, Tensor[] running_means, Tensor[] running_vars, "
+        "bool training, float eps) -> (Tensor, Tensor, Tensor, Tensor)");
+  m.def("residual_context_backward(Tensor grad_out, Tensor[] contexts, Tensor[] weights, "
+        "Tensor[] biases, Tensor[] bn_weights, Tensor[] bn_biases, Tensor means, Tensor vars, "
+        "Tensor ctx_moments, bool training, float eps) -> (Tensor[], Tensor[], Tensor[], Tensor[])");
+  m.def("image_context_tail(Tensor h, Tensor z, Tensor bn_weight, Tensor bn_bias, "
+        "Tensor running_mean, Tensor running_var, bool training, float eps) -> (Tensor, Tensor, Tensor)");
+  m.def("image_context_tail_backward(Tensor grad_out, Tensor z, Tensor bn_weight, Tensor bn_bias, "
+        "Tensor mean, Tensor var, bool training, float eps) -> (Tensor, Tensor, Tensor)");
+  m.def("bn_relu_gap(Tensor z, Tensor bn_weight, Tensor bn_bias, Tensor running_mean, "
+        "Tensor running_var, bool training, float eps) -> (Tensor, Tensor, Tensor)");
+  m.def("bn_relu_gap_backward(Tensor grad_pooled, Tensor z, Tensor bn_weight, Tensor bn_bias, "
+        "Tensor mean, Tensor var, bool training, float eps) -> (Tensor, Tensor, Tensor)");
+  m.def("global_avg_pool(Tensor h) -> Tensor");
+  m.def("global_avg_pool_backward(Tensor grad_pooled, SymInt[] input_size, bool channels_last) -> Tensor");
+}
+
+#define CONTSUP_IMPL_ALL(m)                                                              \
+  m.impl("residual_context", &contsup::residual_context);                                \
+  m.impl("residual_context_backward", &contsup::residual_context_backward);              \
+  m.impl("image_context_tail", &contsup::image_context_tail);                            \
+  m.impl("image_context_tail_backward", &contsup::image_context_tail_backward);          \
+  m.impl("bn_relu_gap", &contsup::bn_relu_gap);                                          \
+  m.impl("bn_relu_gap_backward", &contsup::bn_relu_gap_backward);                        \
+  m.impl("global_avg_pool", &contsup::global_avg_pool);                                  \
+  m.impl("global_avg_pool_backward", &contsup::global_avg_pool_backward);
+
+TORCH_LIBRARY_IMPL(contsup, CPU, m) { CONTSUP_IMPL_ALL(m) }
+
+#ifdef CONTSUP_WITH_CUDA
+// The CUDA dispatch key runs the same operator logic; the heavy passes are the kernels
+// of contsup_ops_cuda.cu (selected by device in CONTSUP_PASS).
+TORCH_LIBRARY_IMPL(contsup, CUDA, m) { CONTSUP_IMPL_ALL(m) }
+#define CONTSUP_WITH_CUDA_FLAG 1
+#else
+#define CONTSUP_WITH_CUDA_FLAG 0
+#endif
+
+// Python module `contsup_fast._C`: importing it loads this library, which registers the
+// torch.ops.contsup.* operators. `with_cuda` says whether CUDA kernels were compiled in.
+extern "C" PyMODINIT_FUNC PyInit__C(void) {
+  static struct PyModuleDef module_def = {
+      PyModuleDef_HEAD_INIT, "_C",
+      "contsup_fast native kernels; importing registers the torch.ops.contsup operators.", -1,
+      nullptr};
+  PyObject* mod = PyModule_Create(&module_def);
+  if (mod != nullptr) PyModule_AddIntConstant(mod, "with_cuda", CONTSUP_WITH_CUDA_FLAG);
+  return mod;
+}
