@@ -1,0 +1,116 @@
+"""LocalSequential on the fused backends: same training step as the eager composition, less memory."""
+import os
+
+import pytest
+import torch
+from torch import nn
+
+from contsup_fast import LocalSequential
+from contsup_fast.fused import available_backends, resolve_backend
+from contsup_fast.memory import measure_step
+from contsup_fast.models import resnet20, resnet32, resnet110
+
+FUSED = [b for b in available_backends("cpu") if b != "torch"]
+if not FUSED:
+    pytest.skip("no fused backend can run on this machine (extension not built, triton missing)",
+                allow_module_level=True)
+
+
+def _pair(backend, make=resnet20, K=4, context="R1E", aux="1c2f", seed=0):
+    torch.manual_seed(seed)
+    ref = LocalSequential(make(), K=K, context=context, aux=aux, backend="torch")
+    fused = LocalSequential(make(), K=K, context=context, aux=aux, backend=backend)
+    fused.load_state_dict(ref.state_dict())
+    return ref, fused
+
+
+def _tols(backend):
+    return dict(rtol=2e-3, atol=2e-4)
+
+
+@pytest.mark.parametrize("backend", FUSED)
+@pytest.mark.parametrize("context,aux", [("R1E", "1c2f"), ("R2", "0c2f"), ("E", "2c2f"), ("R0", "1c1f")])
+def test_training_step_matches_torch_backend(backend, context, aux):
+    ref, fused = _pair(backend, context=context, aux=aux)
+    g = torch.Generator().manual_seed(3)
+    x, y = torch.randn(6, 3, 32, 32, generator=g), torch.randint(0, 10, (6,), generator=g)
+    a, b = ref(x, y), fused(x, y)
+    assert fused.backend_for(x.device).name == backend
+    torch.testing.assert_close(b.local_losses, a.local_losses, **_tols(backend))
+    for (k, p), (_, q) in zip(ref.named_parameters(), fused.named_parameters()):
+        assert (p.grad is None) == (q.grad is None), k
+        if p.grad is not None:
+            torch.testing.assert_close(q.grad, p.grad, **_tols(backend), msg=k)
+    for (k, u), (_, v) in zip(ref.named_buffers(), fused.named_buffers()):
+        torch.testing.assert_close(v, u, rtol=1e-4, atol=1e-5, msg=k)
+    ref.eval(), fused.eval()
+    torch.testing.assert_close(fused(x), ref(x), **_tols(backend))
+
+
+@pytest.mark.parametrize("backend", FUSED)
+def test_state_dict_is_the_same_across_backends(backend):
+    ref, fused = _pair(backend)
+    assert list(ref.state_dict()) == list(fused.state_dict())
+    assert f"backend={backend}" in repr(fused)
+
+
+@pytest.mark.parametrize("backend", FUSED)
+def test_fused_bf16_autocast_step_is_close(backend):
+    ref, fused = _pair(backend, K=3)
+    g = torch.Generator().manual_seed(4)
+    x, y = torch.randn(4, 3, 32, 32, generator=g), torch.randint(0, 10, (4,), generator=g)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        a, b = ref(x, y), fused(x, y)
+    torch.testing.assert_close(b.local_losses, a.local_losses, rtol=5e-2, atol=5e-2)
+
+
+def _peak(make, K, context, backend, batch=8):
+    torch.manual_seed(0)
+    local = LocalSequential(make(), K=K, context=context, backend=backend)
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(batch, 3, 32, 32, generator=g), torch.randint(0, 10, (batch,), generator=g)
+    return measure_step(local, x, y).saved_peak
+
+
+@pytest.mark.parametrize("backend", FUSED)
+def test_memory_target_resnet32_r1e_within_125_percent_of_r0(backend):
+    eager_ratio = _peak(resnet32, 16, "R1E", "torch") / _peak(resnet32, 16, "R0", "torch")
+    fused_ratio = _peak(resnet32, 16, "R1E", backend) / _peak(resnet32, 16, "R0", backend)
+    assert eager_ratio > 2.0, eager_ratio
+    assert fused_ratio <= 1.25, fused_ratio
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("backend", FUSED)
+def test_memory_target_resnet110_r1e_within_13_percent_of_e2e(backend):
+    ratio = _peak(resnet110, 16, "R1E", backend) / _peak(resnet110, 1, "R0", "torch")
+    assert ratio <= 0.13, ratio
+
+
+@pytest.mark.slow
+def test_compiled_training_step_matches_eager():
+    backend = FUSED[0]
+    ref, fused = _pair(backend, K=2, context="R1E")
+    compiled = torch.compile(fused, backend="aot_eager")
+    g = torch.Generator().manual_seed(5)
+    x, y = torch.randn(4, 3, 32, 32, generator=g), torch.randint(0, 10, (4,), generator=g)
+    a, b = ref(x, y), compiled(x, y)
+    torch.testing.assert_close(b.local_losses, a.local_losses, rtol=2e-3, atol=2e-4)
+    for (k, p), (_, q) in zip(ref.named_parameters(), fused.named_parameters()):
+        if p.grad is not None:
+            torch.testing.assert_close(q.grad, p.grad, rtol=2e-3, atol=2e-4, msg=k)
+
+
+@pytest.mark.slow
+def test_no_graph_break_inside_the_ops():
+    """Dynamo may break at each local backward (by design), never inside a boundary op."""
+    import torch._dynamo
+    backend = resolve_backend(FUSED[0], "cpu")
+    bn = nn.BatchNorm2d(8)
+    z = torch.randn(4, 8, 6, 6, requires_grad=True)
+
+    def head_pool(z):
+        return backend.bn_relu_gap(z, bn.weight, bn.bias, bn.running_mean, bn.running_var, True, 1e-5)[0].sum()
+
+    explanation = torch._dynamo.explain(head_pool)(z)
+    assert explanation.graph_break_count == 0, explanation.break_reasons
