@@ -1,0 +1,631 @@
+"""Train a model with ContSup greedy local learning (``python -m contsup_fast.train``).
+
+Example (CIFAR-10, the paper's ResNet-32 at K=16 with RnE context)::
+
+    python -m contsup_fast.train --model resnet32 --K 16 --context RnE --data-dir DATA \\
+        --epochs 160 --batch-size 1024
+
+Schedule: SGD (Nesterov, momentum 0.9, weight decay 1e-4), learning rate ``0.8 * batch/1024``
+unless ``--lr`` is given, linear warm-up for ``min(--warmup-epochs, epochs/4)`` epochs (so a
+short run spends at most a quarter of its steps warming up), then cosine decay to zero, both
+per iteration.
+
+Every epoch: one summary line, ``<out>/log.json`` (arguments, versions, per-epoch records)
+and ``<out>/checkpoint.pt`` (model, optimiser, scheduler, grad scaler, RNG states, position),
+both written atomically. Ctrl-C finishes the current step, saves a checkpoint and exits
+(status 130); a second Ctrl-C aborts at once. ``--resume RUN_DIR`` (or a checkpoint file)
+continues from the saved position, mid-epoch included, and produces exactly the parameters
+an uninterrupted run would have produced (bit-identical on the CPU; on CUDA with
+``--deterministic``). Settings that change the result (model, K, context, schedule, seed,
+data...) are taken from the checkpoint; giving a different value for one of them is an error.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime
+import math
+import os
+import platform
+import signal
+import sys
+import time
+import warnings
+from typing import Any, Dict, List, Optional, Sequence
+
+import numpy as np
+import torch
+
+from . import data as D
+from .checkpoint import (CHECKPOINT_NAME, atomic_write_json, get_rng_state, load_checkpoint,
+                         resolve_checkpoint, save_checkpoint, set_rng_state)
+
+__all__ = ["build_parser", "main", "run", "RESULT_ARGS"]
+
+AUX_CHOICES = ("0c1f", "0c2f", "1c1f", "1c2f", "1c3f", "2c2f")
+CIFAR_RESNETS = ("resnet20", "resnet32", "resnet44", "resnet56", "resnet110")
+
+#: arguments that change the trained parameters: on --resume they come from the checkpoint,
+#: and giving a different value is refused
+RESULT_ARGS = ("model", "K", "context", "n", "aux", "loss", "reconstruct", "split", "dataset",
+               "epochs", "batch_size", "lr", "momentum", "wd", "warmup_epochs", "seed", "subset",
+               "amp")
+
+
+def _positive_int(s: str) -> int:
+    v = int(s)
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {s}")
+    return v
+
+
+def _nonneg_int(s: str) -> int:
+    v = int(s)
+    if v < 0:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 0, got {s}")
+    return v
+
+
+def _nonneg_float(s: str) -> float:
+    v = float(s)
+    if not v >= 0:
+        raise argparse.ArgumentTypeError(f"must be a number >= 0, got {s}")
+    return v
+
+
+def _split_arg(s: str):
+    s = s.strip()
+    if s.lower() in ("", "none"):
+        return None
+    if s.lower() == "balanced":
+        return "balanced"
+    items = [t.strip() for t in s.split(",") if t.strip()]
+    try:
+        return [int(t) if t.lstrip("-").isdigit() else t for t in items]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--split: expected none, balanced or a comma list, "
+                                         f"got {s!r}")
+
+
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Appends "(default: X)" only where the help text does not already give the default."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if "default" in text or any(action.default is v for v in (None, False, argparse.SUPPRESS)):
+            return text
+        return super()._get_help_string(action)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="contsup-train", description="ContSup greedy local learning on image classification.",
+        formatter_class=_HelpFormatter,
+        epilog="Resume an interrupted or stopped run with --resume RUN_DIR; settings that change "
+               "the result are taken from its checkpoint.")
+    g = p.add_argument_group("model")
+    g.add_argument("--model", default="resnet32",
+                   help=f"CIFAR ResNet ({'/'.join(CIFAR_RESNETS)}) or a torchvision "
+                        f"classification model name (resnet18, vgg11_bn, ...)")
+    g.add_argument("--K", type=_positive_int, default=16, help="number of local modules")
+    g.add_argument("--context", default="RnE",
+                   help="context supply: R0 (none), E, Rn, RnE (n from --n) or R<k>, R<k>E")
+    g.add_argument("--n", type=_positive_int, default=None,
+                   help="residual context depth for Rn/RnE (default 1)")
+    g.add_argument("--aux", default="1c2f", choices=AUX_CHOICES,
+                   help="auxiliary head: <convs>c<fc layers>f")
+    g.add_argument("--loss", default="ce", choices=("ce", "supcon"), help="local loss")
+    g.add_argument("--reconstruct", action="store_true",
+                   help="add the InfoPro-style image-reconstruction local loss")
+    g.add_argument("--split", type=_split_arg, default=None,
+                   help="where to cut: none (paper preset / cost-balanced), balanced "
+                        "(memory-balanced), or a comma list of cut indices or node names")
+    g.add_argument("--backend", default="auto", choices=("auto", "torch", "triton", "native"),
+                   help="implementation of the fused boundary ops")
+    g = p.add_argument_group("data")
+    g.add_argument("--dataset", default="cifar10",
+                   help="cifar10, cifar100, or a torchvision dataset present in --data-dir "
+                        "(svhn, stl10, ...)")
+    g.add_argument("--data-dir", default=None,
+                   help="folder holding the dataset (for CIFAR-10 the one containing "
+                        "cifar-10-batches-py/); default: $CONTSUP_DATA_CACHE/<dataset> or "
+                        "~/.cache/contsup_fast/<dataset> if the dataset is there")
+    g.add_argument("--subset", type=_positive_int, default=None,
+                   help="train on a fixed class-balanced subset of this many images (the same "
+                        "subset for every --seed)")
+    g.add_argument("--num-workers", type=_nonneg_int, default=None,
+                   help="CPU loader worker processes (default 0: the batched tensor "
+                        "augmentation costs well under 1%% of a CPU step; unused on CUDA)")
+    g = p.add_argument_group("optimisation")
+    g.add_argument("--epochs", type=_positive_int, default=160, help="training epochs")
+    g.add_argument("--batch-size", type=_positive_int, default=1024, help="images per step")
+    g.add_argument("--lr", type=_nonneg_float, default=None,
+                   help="peak learning rate (default 0.8 * batch_size / 1024)")
+    g.add_argument("--momentum", type=_nonneg_float, default=0.9,
+                   help="SGD momentum (Nesterov when > 0)")
+    g.add_argument("--wd", type=_nonneg_float, default=1e-4, help="weight decay")
+    g.add_argument("--warmup-epochs", type=_nonneg_float, default=10.0,
+                   help="linear warm-up length, capped at epochs/4; cosine decay after it")
+    g.add_argument("--seed", type=int, default=0,
+                   help="seeds the initialisation, the shuffling and the augmentation")
+    g.add_argument("--amp", default="none", choices=("none", "bf16", "fp16"),
+                   help="autocast precision; fp16 uses a GradScaler")
+    g = p.add_argument_group("runtime")
+    g.add_argument("--device", default=None,
+                   help="torch device (default cuda if available, else cpu)")
+    g.add_argument("--channels-last", action="store_true", help="NHWC memory format")
+    g.add_argument("--deterministic", action="store_true",
+                   help="torch.use_deterministic_algorithms (exact resume on CUDA; slower)")
+    g.add_argument("--threads", type=_positive_int, default=None,
+                   help="torch.set_num_threads (default: torch's choice)")
+    g.add_argument("--out", default=None,
+                   help="run folder (default runs/<model>_K<K>_<context>_<seed>; on --resume the "
+                        "checkpoint's folder)")
+    g.add_argument("--resume", default=None, help="checkpoint file or run folder to continue")
+    g.add_argument("--eval-every", type=_positive_int, default=1,
+                   help="evaluate on the test set every this many epochs (and after the last)")
+    g.add_argument("--log-every", type=_positive_int, default=20,
+                   help="read losses back from the device (one host sync) every this many steps "
+                        "to update the progress bar")
+    g.add_argument("--no-progress", action="store_true", help="no tqdm progress bar")
+    g.add_argument("--stop-after-epochs", type=_positive_int, default=None,
+                   help="checkpoint and stop after this many epochs of this invocation (for "
+                        "time-limited jobs; continue with --resume)")
+    return p
+
+
+def _explicit_keys(parser: argparse.ArgumentParser, argv: Sequence[str]) -> set:
+    """Names of the options given on the command line (not left at their default)."""
+    probe = argparse.ArgumentParser(add_help=False)
+    for a in parser._actions:
+        if a.option_strings and a.dest != "help":
+            kw = dict(dest=a.dest, default=argparse.SUPPRESS)
+            if isinstance(a, (argparse._StoreTrueAction, argparse._StoreFalseAction)):
+                kw["action"] = "store_true"
+            else:
+                kw["nargs"] = a.nargs
+            probe.add_argument(*a.option_strings, **kw)
+    ns, _ = probe.parse_known_args(list(argv))
+    return set(vars(ns))
+
+
+# --------------------------------------------------------------------------------------------
+# helpers
+
+
+def _context_name(context: str, n: Optional[int]) -> str:
+    try:
+        from .context import parse_context
+        return parse_context(context, n).name
+    except ImportError:  # pragma: no cover
+        return context.replace("n", str(n or 1))
+
+
+def _versions(device: torch.device) -> Dict[str, Any]:
+    from importlib import metadata
+    v: Dict[str, Any] = {"python": platform.python_version(), "torch": torch.__version__,
+                         "platform": platform.platform()}
+    for pkg in ("torchvision", "triton", "numpy"):
+        try:
+            v[pkg] = metadata.version(pkg)
+        except metadata.PackageNotFoundError:
+            v[pkg] = None
+    if device.type == "cuda":
+        v["device_name"] = torch.cuda.get_device_name(device)
+        v["cuda"] = torch.version.cuda
+    else:
+        name = platform.processor() or platform.machine()
+        try:
+            with open("/proc/cpuinfo") as f:
+                for line in f:
+                    if line.startswith("model name"):
+                        name = line.split(":", 1)[1].strip()
+                        break
+        except OSError:
+            pass
+        v["device_name"] = f"{name} ({os.cpu_count()} logical cores, " \
+                           f"{torch.get_num_threads()} torch threads)"
+    return v
+
+
+def _peak_memory(device: torch.device):
+    """(MiB, what it is) for the epoch that just ended."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20, "CUDA max allocated"
+    try:
+        import resource
+        kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        scale = 1 if sys.platform == "darwin" else 1024  # bytes on macOS, KiB on Linux
+        return kb * scale / 2**20, "CPU peak RSS of the process"
+    except ImportError:  # pragma: no cover - Windows
+        return float("nan"), "unavailable"
+
+
+def _fmt_time(s: float) -> str:
+    return str(datetime.timedelta(seconds=int(round(s))))
+
+
+def _lr_lambda(warmup_iters: int, total_iters: int):
+    def f(step: int) -> float:
+        if step < warmup_iters:
+            return (step + 1) / warmup_iters
+        span = max(1, total_iters - warmup_iters)
+        t = min(1.0, (step - warmup_iters) / span)
+        return 0.5 * (1.0 + math.cos(math.pi * t))
+    return f
+
+
+def _local_class():
+    from . import LocalSequential
+    return LocalSequential
+
+
+def _build_model(name: str, num_classes: int) -> torch.nn.Module:
+    from .models import build_model
+    return build_model(name, num_classes=num_classes)
+
+
+class _StopFlag:
+    """First SIGINT: stop at the next step boundary. Second: KeyboardInterrupt at once."""
+
+    def __init__(self):
+        self.requested = False
+        self._old = None
+
+    def _handler(self, signum, frame):
+        if self.requested:
+            raise KeyboardInterrupt
+        self.requested = True
+        print("\ninterrupt: finishing the current step and saving a checkpoint "
+              "(Ctrl-C again to abort without saving)", file=sys.stderr, flush=True)
+
+    def __enter__(self):
+        import threading
+        if threading.current_thread() is threading.main_thread():
+            self._old = signal.signal(signal.SIGINT, self._handler)
+        return self
+
+    def __exit__(self, *exc):
+        if self._old is not None:
+            signal.signal(signal.SIGINT, self._old)
+        return False
+
+
+class _Interrupted(Exception):
+    pass
+
+
+# --------------------------------------------------------------------------------------------
+# main
+
+
+def _prepare_args(argv: Optional[Sequence[str]]):
+    parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = parser.parse_args(argv)
+    explicit = _explicit_keys(parser, argv)
+    ckpt = None
+    if args.resume:
+        try:
+            ckpt_path = resolve_checkpoint(args.resume)
+            ckpt = load_checkpoint(ckpt_path)
+        except (FileNotFoundError, RuntimeError) as exc:
+            parser.error(f"--resume: {exc}")
+        saved = ckpt["args"]
+        bad = [f"--{k.replace('_', '-')}: checkpoint has {saved.get(k)!r}, command line "
+               f"{getattr(args, k)!r}" for k in RESULT_ARGS
+               if k in explicit and saved.get(k) != getattr(args, k)]
+        if bad:
+            parser.error("--resume: these settings differ from the checkpoint's run (resuming "
+                         "must continue the same run; start a new run with another --out "
+                         "instead):\n  " + "\n  ".join(bad))
+        for k, v in saved.items():  # the saved run's settings unless given now
+            if k not in explicit and k not in ("resume", "stop_after_epochs") and hasattr(args, k):
+                setattr(args, k, v)
+        if "out" not in explicit:
+            args.out = os.path.dirname(os.path.abspath(ckpt_path))
+    if args.lr is None:
+        args.lr = 0.8 * args.batch_size / 1024
+    if args.out is None:
+        try:
+            ctx = _context_name(args.context, args.n)
+        except ValueError:
+            ctx = args.context  # reported as an error later
+        args.out = os.path.join("runs", f"{args.model}_K{args.K}_{ctx}_{args.seed}")
+    try:
+        D.find_data_dir(args.dataset, args.data_dir)
+    except FileNotFoundError as exc:
+        parser.error(str(exc))
+    return parser, args, ckpt
+
+
+def run(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
+    """Parse ``argv`` and train; returns the final metrics. Raises KeyboardInterrupt after
+    saving a checkpoint when interrupted (:func:`main` turns that into exit status 130)."""
+    parser, args, ckpt = _prepare_args(argv)
+    t_start = time.time()
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cuda" and not torch.cuda.is_available():
+        parser.error(f"--device {args.device}: CUDA is not available")
+    if args.deterministic:
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        torch.backends.cudnn.benchmark = False
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    elif device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+    try:
+        ctx_name = _context_name(args.context, args.n)  # validates --context/--n
+    except ValueError as exc:
+        parser.error(f"--context/--n: {exc}")
+
+    # ---- data
+    data_dir = D.find_data_dir(args.dataset, args.data_dir)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        x_train, y_train = D.load_dataset(data_dir, args.dataset, train=True)
+        x_test, y_test = D.load_dataset(data_dir, args.dataset, train=False)
+    data_warnings = [str(w.message) for w in caught]
+    for msg in data_warnings:  # once each, without a source line
+        print(f"warning: {msg}", file=sys.stderr, flush=True)
+    n_classes = D.num_classes(args.dataset, y_train)
+    if args.subset is not None:
+        if args.subset > len(y_train):
+            parser.error(f"--subset {args.subset} exceeds the {len(y_train)} training images of "
+                         f"{args.dataset}")
+        idx = D.subset_indices(y_train, args.subset, seed=0)
+        x_train, y_train = x_train[idx], y_train[idx]
+    if len(y_train) < 2:
+        parser.error("need at least 2 training images")
+    mean, std = D.dataset_stats(args.dataset)
+    loader = D.make_train_loader(x_train, y_train, args.batch_size, mean, std, device,
+                                 seed=args.seed, channels_last=args.channels_last,
+                                 num_workers=0 if args.num_workers is None else args.num_workers)
+    test_loader = D.EvalLoader(x_test, y_test, max(args.batch_size, 256), mean, std, device,
+                               channels_last=args.channels_last)
+    steps_per_epoch = len(loader)
+    total_steps = steps_per_epoch * args.epochs
+
+    # ---- model
+    torch.manual_seed(args.seed)
+    np.random.seed(args.seed % 2**32)
+    import random
+    random.seed(args.seed)
+    try:
+        model = _build_model(args.model, n_classes)
+    except ValueError as exc:
+        parser.error(f"--model: {exc}")
+    local_kwargs = dict(K=args.K, context=args.context, aux=args.aux, loss=args.loss,
+                        reconstruct=args.reconstruct, split=args.split, backend=args.backend,
+                        n=args.n, input_size=(3,) + tuple(x_train.shape[1:3]),
+                        image_mean=mean, image_std=std)
+    try:
+        local = _local_class()(model, **local_kwargs)
+    except ValueError as exc:
+        parser.error(str(exc))
+    local = local.to(device)
+    if args.channels_last:
+        local = local.to(memory_format=torch.channels_last)
+    K = len(local)
+
+    opt = torch.optim.SGD(local.parameters(), lr=args.lr, momentum=args.momentum,
+                          nesterov=args.momentum > 0, weight_decay=args.wd)
+    warmup_epochs = min(args.warmup_epochs, args.epochs / 4)
+    warmup_iters = int(round(warmup_epochs * steps_per_epoch))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(warmup_iters, total_steps))
+    scaler = torch.amp.GradScaler(device.type) if args.amp == "fp16" else None
+    amp_dtype = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}[args.amp]
+
+    def autocast():
+        if amp_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(device.type, dtype=amp_dtype)
+
+    # ---- state (fresh or resumed)
+    start_epoch, start_batch = 0, 0
+    history: List[Dict[str, Any]] = []
+    best_acc, elapsed_before = None, 0.0
+    partial = None
+    if ckpt is not None:
+        local.load_state_dict(ckpt["model"])
+        opt.load_state_dict(ckpt["optimizer"])
+        sched.load_state_dict(ckpt["scheduler"])
+        if scaler is not None and ckpt.get("scaler"):
+            scaler.load_state_dict(ckpt["scaler"])
+        start_epoch, start_batch = int(ckpt["epoch"]), int(ckpt.get("batch", 0))
+        history = list(ckpt.get("history", []))
+        best_acc = ckpt.get("best_acc")
+        elapsed_before = float(ckpt.get("elapsed_s", 0.0))
+        partial = ckpt.get("partial")
+        set_rng_state(ckpt.get("rng"))
+        if ckpt.get("steps_per_epoch", steps_per_epoch) != steps_per_epoch:
+            parser.error("--resume: the checkpoint's run had a different number of steps per "
+                         "epoch (different data?)")
+
+    os.makedirs(args.out, exist_ok=True)
+    ckpt_path = os.path.join(args.out, CHECKPOINT_NAME)
+    log_path = os.path.join(args.out, "log.json")
+    arg_dict = {k: v for k, v in vars(args).items()}
+    versions = _versions(device)
+    run_info = {"device": str(device), "data_dir": os.path.abspath(data_dir),
+                "train_images": int(len(y_train)), "test_images": int(len(y_test)),
+                "num_classes": n_classes, "K": K, "context": ctx_name,
+                "steps_per_epoch": steps_per_epoch, "warmup_iters": warmup_iters,
+                "parameters": sum(p.numel() for p in local.parameters()),
+                "data_warnings": data_warnings}
+
+    def write_log(final=None):
+        obj = {"args": arg_dict, "versions": versions, "run": run_info, "epochs": history}
+        if final is not None:
+            obj["final"] = final
+        atomic_write_json(obj, log_path)
+
+    # position of the loop, updated as it goes (read by the interrupt handler)
+    pos = {"epoch": start_epoch, "batch": start_batch}
+    acc = {}
+
+    def reset_acc(p=None):
+        acc.clear()
+        acc.update(loss=torch.zeros((), device=device), local=torch.zeros(K, device=device),
+                   steps=0, images=0, time=0.0)
+        if p:
+            acc["loss"] += p["loss_sum"]
+            acc["local"] += torch.as_tensor(p["local_sum"], dtype=torch.float32, device=device)
+            acc.update(steps=p["steps"], images=p["images"], time=p["time"])
+
+    def checkpoint(mid_epoch: bool):
+        state = {
+            "format": 1, "model": local.state_dict(), "optimizer": opt.state_dict(),
+            "scheduler": sched.state_dict(),
+            "scaler": scaler.state_dict() if scaler is not None else None,
+            "epoch": pos["epoch"], "batch": pos["batch"], "steps_per_epoch": steps_per_epoch,
+            "args": arg_dict, "rng": get_rng_state(), "best_acc": best_acc,
+            "history": history, "elapsed_s": elapsed_before + time.time() - t_start,
+            "partial": None,
+        }
+        if mid_epoch:
+            state["partial"] = {"loss_sum": float(acc["loss"]),
+                                "local_sum": acc["local"].float().cpu().tolist(),
+                                "steps": acc["steps"], "images": acc["images"],
+                                "time": acc["time"]}
+        save_checkpoint(state, ckpt_path)
+
+    def evaluate() -> float:
+        local.eval()
+        correct = torch.zeros((), dtype=torch.int64, device=device)
+        with torch.no_grad(), autocast():
+            for x, y in test_loader:
+                logits = local(x)
+                correct += (logits.argmax(1) == y).sum()
+        local.train()
+        return 100.0 * float(correct) / len(y_test)
+
+    label = (f"{args.model}, K={K}, context={ctx_name}, {args.epochs} epochs"
+             + (f", subset {args.subset}" if args.subset else "") + f", {device.type}")
+    print(f"contsup-train: {label}; {len(y_train)} train / {len(y_test)} test images, "
+          f"batch {args.batch_size}, lr {args.lr:g}, warm-up {warmup_epochs:g} epochs, "
+          f"{steps_per_epoch} steps/epoch, out {args.out}"
+          + (f" (resumed at epoch {start_epoch + 1}, step {start_batch})" if ckpt else ""),
+          flush=True)
+
+    from tqdm import tqdm
+    local.train()
+    stop = _StopFlag()
+    epochs_this_call = 0
+    last = None
+    bar = None
+    try:
+        with stop:
+            for epoch in range(start_epoch, args.epochs):
+                pos["epoch"], first = epoch, (epoch == start_epoch)
+                b0 = start_batch if first else 0
+                pos["batch"] = b0
+                reset_acc(partial if first and b0 > 0 else None)
+                loader.set_epoch(epoch)
+                if device.type == "cuda":
+                    torch.cuda.reset_peak_memory_stats(device)
+                bar = tqdm(total=steps_per_epoch, initial=b0, desc=f"epoch {epoch + 1}/{args.epochs}",
+                           leave=False, dynamic_ncols=True, disable=args.no_progress,
+                           file=sys.stderr, mininterval=0.5)
+                t0 = time.time()
+                seen0 = acc["images"]
+                for i, (x, y) in enumerate(loader.iter_from(b0), start=b0):
+                    opt.zero_grad(set_to_none=True)
+                    with autocast():
+                        out = local(x, y, scaler=scaler)
+                    if scaler is not None:
+                        scaler.step(opt)
+                        scaler.update()
+                    else:
+                        opt.step()
+                    sched.step()
+                    acc["loss"] += out.loss.detach().float()
+                    acc["local"] += out.local_losses.detach().float()
+                    acc["steps"] += 1
+                    acc["images"] += len(y)
+                    pos["batch"] = i + 1
+                    bar.update(1)
+                    if (i + 1) % args.log_every == 0:
+                        loss_now = out.loss.item()  # the one host sync per log_every steps
+                        rate = (acc["images"] - seen0) / max(1e-9, time.time() - t0)
+                        bar.set_postfix(loss=f"{loss_now:.3f}", img_s=f"{rate:.0f}",
+                                        refresh=False)
+                    if stop.requested:
+                        raise _Interrupted
+                if device.type == "cuda":
+                    torch.cuda.synchronize(device)
+                acc["time"] += time.time() - t0
+                bar.close()
+                steps = max(1, acc["steps"])
+                train_loss = float(acc["loss"]) / steps
+                local_means = (acc["local"] / steps).cpu().tolist()
+                ips = acc["images"] / max(1e-9, acc["time"])
+                do_eval = (epoch + 1) % args.eval_every == 0 or epoch + 1 == args.epochs
+                test_acc = evaluate() if do_eval else None
+                if test_acc is not None:
+                    best_acc = test_acc if best_acc is None else max(best_acc, test_acc)
+                mem, mem_kind = _peak_memory(device)
+                elapsed = elapsed_before + time.time() - t_start
+                last = {"epoch": epoch + 1, "train_loss": train_loss, "local_losses": local_means,
+                        "test_acc": test_acc, "lr": sched.get_last_lr()[0],
+                        "images_per_s": ips, "train_time_s": acc["time"],
+                        "peak_mem_mib": mem, "peak_mem_kind": mem_kind, "elapsed_s": elapsed}
+                history.append(last)
+                acc_txt = f"{test_acc:.2f}%" if test_acc is not None else "-"
+                print(f"epoch {epoch + 1}/{args.epochs}  loss {train_loss:.4f}  local "
+                      f"[first {local_means[0]:.3f} mean {sum(local_means) / K:.3f} "
+                      f"last {local_means[-1]:.3f}]  test acc {acc_txt}  {ips:.0f} img/s  "
+                      f"peak mem {mem:.0f} MiB ({mem_kind})  elapsed {_fmt_time(elapsed)}",
+                      flush=True)
+                pos["epoch"], pos["batch"] = epoch + 1, 0
+                checkpoint(mid_epoch=False)
+                write_log()
+                epochs_this_call += 1
+                if (args.stop_after_epochs and epochs_this_call >= args.stop_after_epochs
+                        and epoch + 1 < args.epochs):
+                    print(f"stopping after {epochs_this_call} epoch(s) as asked; continue with "
+                          f"--resume {args.out}", flush=True)
+                    return {"stopped": True, "epoch": epoch + 1, "out": args.out,
+                            "checkpoint": ckpt_path, "test_acc": test_acc}
+    except (KeyboardInterrupt, _Interrupted):
+        if bar is not None:
+            bar.close()
+        mid = 0 < pos["batch"] and pos["epoch"] < args.epochs
+        checkpoint(mid_epoch=mid)
+        write_log()
+        print(f"\ninterrupted at epoch {pos['epoch'] + 1}, step {pos['batch']}/{steps_per_epoch}:"
+              f" checkpoint saved to {ckpt_path}; continue with --resume {args.out}",
+              file=sys.stderr, flush=True)
+        raise KeyboardInterrupt
+
+    if last is None:  # resumed a finished run
+        last = history[-1] if history else {}
+        final_acc = last.get("test_acc")
+        if final_acc is None:
+            final_acc = evaluate()
+    else:
+        final_acc = last["test_acc"]
+    final = {"final_test_acc": final_acc, "best_test_acc": best_acc,
+             "train_loss": last.get("train_loss"), "epochs": args.epochs,
+             "images_per_s": last.get("images_per_s"),
+             "elapsed_s": elapsed_before + time.time() - t_start, "out": args.out,
+             "checkpoint": ckpt_path, "log": log_path, "device": str(device),
+             "context": ctx_name, "K": K}
+    write_log(final)
+    print(f"final test accuracy: {final_acc:.2f}% ({label})", flush=True)
+    return final
+
+
+def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
+    """Console entry point (``contsup-train``): :func:`run`, with exit status 130 on Ctrl-C
+    (after the checkpoint is saved)."""
+    try:
+        return run(argv)
+    except KeyboardInterrupt:
+        raise SystemExit(130)
+
+
+if __name__ == "__main__":
+    main()
