@@ -161,11 +161,12 @@ def plot(rows: List[dict], path) -> None:
                 series.setdefault(f"{r['context']} ({r['backend']})", []).append(r)
             elif r["method"] == "E2E checkpoint":
                 series.setdefault("E2E checkpoint", []).append(r)
-        for label, rs in series.items():
+        for i, (label, rs) in enumerate(series.items()):
             ks = [r["K"] for r in rs]
+            style = dict(marker="o", label=label, color=f"C{i}")
             if all(r["mem_vs_e2e"] is not None for r in rs):
-                axes[0][col].plot(ks, [r["mem_vs_e2e"] for r in rs], marker="o", label=label)
-            axes[1][col].plot(ks, [r["speed_vs_e2e"] for r in rs], marker="o", label=label)
+                axes[0][col].plot(ks, [r["mem_vs_e2e"] for r in rs], **style)
+            axes[1][col].plot(ks, [r["speed_vs_e2e"] for r in rs], **style)
         for row, key in ((0, "mem_vs_e2e"), (1, "speed_vs_e2e")):
             ax = axes[row][col]
             ax.axhline(1.0, color="k", lw=0.8, ls="--", label="E2E eager")
@@ -176,7 +177,7 @@ def plot(rows: List[dict], path) -> None:
             ax.set_xlabel("K (local modules)")
             ax.set_ylabel("peak memory / E2E" if row == 0 else "images/s / E2E")
             ax.set_title(f"{name}, batch {mine[0]['batch']}")
-        axes[0][col].legend(fontsize=7)
+            ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
