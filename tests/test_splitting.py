@@ -95,3 +95,15 @@ def test_single_tensor_cuts_only():
 
     plan = plan_split(TwoBranch(), 1, input_size=(3, 8, 8))
     assert "b_1" not in plan.candidates and "a_1" in plan.candidates
+
+
+@pytest.mark.parametrize("name,blocks", [("resnet18", 8), ("resnet34", 16), ("resnet50", 16),
+                                         ("resnet101", 33), ("resnet152", 50), ("wide_resnet50_2", 16),
+                                         ("resnext50_32x4d", 16), ("vgg16_bn", None)])
+def test_torchvision_models_have_block_cut_points(name, blocks):
+    torchvision = pytest.importorskip("torchvision")
+    model = torchvision.models.get_model(name, num_classes=10)
+    plan = plan_split(model, 4)
+    assert len(plan.pieces) == 4 and plan.source == "cost-balanced"
+    if blocks is not None:  # the stem's ReLU and max-pool, and every residual block but the last
+        assert len(plan.candidates) == 2 + blocks - 1
