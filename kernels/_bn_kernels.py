@@ -16,8 +16,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import (acc_dtype, add_base, bn_fold, launch, pixel_block, pow2, split_pixels,
-                      split_plan, strides4, to_acc, zeros_acc)
+from ._common import (acc_dtype, add_base, bn_fold, chunk_block, chunk_bounds, launch, pixel_block,
+                      pow2, split_pixels, split_plan, strides4, to_acc, zeros_acc)
 
 MODE_STATS, MODE_POOL, MODE_BWD = 0, 1, 2
 
@@ -48,11 +48,10 @@ def _chan_reduce_kernel(
         mean = tl.load(mean_ptr + co, mask=mc, other=0)[:, None]
     s0 = zeros_acc(BLOCK_C, BLOCK_P, FP64)
     s1 = zeros_acc(BLOCK_C, BLOCK_P, FP64)
-    end = tl.minimum(sp * CHUNK + CHUNK, P)
-    for p0 in range(sp * CHUNK, end, BLOCK_P):
-        p = p0 + tl.arange(0, BLOCK_P)
-        n, h, w = split_pixels(p, HW, W)
-        m2 = mc[:, None] & (p < end)[None, :]
+    start, end = chunk_bounds(sp, CHUNK, P)
+    for p0 in range(start, end, BLOCK_P):
+        mp, n, h, w = chunk_block(p0, end, HW, W, BLOCK_P)
+        m2 = mc[:, None] & mp[None, :]
         x = tl.load(x_ptr + n[None, :] * xN + co[:, None] * xC + (h * xH + w * xW)[None, :],
                     mask=m2, other=0)
         x = to_acc(x, FP64)
@@ -241,3 +240,27 @@ def avg_pool_backward(grad: torch.Tensor, g_strides, like: torch.Tensor, kh: int
            k1, k1, k1, k1, k1, C, H * W, W, M,
            APPLY_BN=False, FP64=k1.dtype == torch.float64, BLOCK_C=block_c, BLOCK_P=block_p)
     return out
+
+
+def register_bn_relu_pool_autograd(fwd_op, bwd_op, residual_input: bool) -> None:
+    """Autograd of a BatchNorm + ReLU + pool op: forward inputs
+    ``([h,] z, bn_weight, bn_bias, running_mean, running_var, training, eps)``, outputs
+    ``(out, mean, var)``; ``bwd_op(grad, z, bn_weight, bn_bias, mean, var, training, eps)``
+    returns ``(grad_z, grad_gamma, grad_beta)``. Saves ``z``, the parameters and the (C,)
+    statistics. With ``residual_input`` the leading ``h`` (``out = h + ...``) receives
+    ``grad`` unchanged."""
+    first = 1 if residual_input else 0
+
+    def setup_context(ctx, inputs, output):
+        z, bn_weight, bn_bias, _, _, training, eps = inputs[first:]
+        _, mean, var = output
+        ctx.training, ctx.eps = training, eps
+        ctx.save_for_backward(z, bn_weight, bn_bias, mean, var)
+
+    def backward(ctx, grad, *_):
+        z, w, b, mean, var = ctx.saved_tensors
+        grad_z, grad_w, grad_b = bwd_op(grad, z, w, b, mean, var, ctx.training, ctx.eps)
+        grad_h = (grad,) if residual_input else ()
+        return (*grad_h, grad_z, grad_w, grad_b, None, None, None, None)
+
+    fwd_op.register_autograd(backward, setup_context=setup_context)

@@ -246,3 +246,20 @@ def split_pixels(p, HW, W):
     r = p - n * HW
     h = r // W
     return n.to(tl.int64), h, r - h * W
+
+
+@triton.jit
+def chunk_bounds(sp, CHUNK, P):
+    """``[start, end)`` of the flat pixels of split ``sp`` (chunks of ``CHUNK``, the last one
+    clipped to ``P``)."""
+    start = sp * CHUNK
+    return start, tl.minimum(start + CHUNK, P)
+
+
+@triton.jit
+def chunk_block(p0, end, HW, W, BLOCK: tl.constexpr):
+    """The ``BLOCK`` flat pixels from ``p0`` of a chunk ending at ``end``:
+    ``(mask, n, h, w)`` with ``mask = p < end`` and ``(n, h, w)`` as in :func:`split_pixels`."""
+    p = p0 + tl.arange(0, BLOCK)
+    n, h, w = split_pixels(p, HW, W)
+    return p < end, n, h, w

@@ -6,7 +6,7 @@ import torch
 from torch import Tensor
 
 from ._bn_kernels import (MODE_POOL, _chan_reduce, avg_pool_backward, batch_or_running_stats,
-                          bn_relu_pool_backward)
+                          bn_relu_pool_backward, register_bn_relu_pool_autograd)
 from ._common import bn_fold, check_bn_args, check_tensor, define_op
 
 
@@ -34,21 +34,7 @@ def _gap_bwd(grad: Tensor, z: Tensor, bn_weight: Tensor, bn_bias: Tensor, mean: 
 _gap_fwd_op = define_op("bn_relu_gap", _gap_fwd)
 _gap_bwd_op = define_op("bn_relu_gap_backward", _gap_bwd)
 
-
-def _gap_setup(ctx, inputs, output):
-    z, bn_weight, bn_bias, _, _, training, eps = inputs
-    _, mean, var = output
-    ctx.training, ctx.eps = training, eps
-    ctx.save_for_backward(z, bn_weight, bn_bias, mean, var)
-
-
-def _gap_backward(ctx, grad, *_):
-    z, w, b, mean, var = ctx.saved_tensors
-    grad_z, grad_w, grad_b = _gap_bwd_op(grad, z, w, b, mean, var, ctx.training, ctx.eps)
-    return grad_z, grad_w, grad_b, None, None, None, None
-
-
-_gap_fwd_op.register_autograd(_gap_backward, setup_context=_gap_setup)
+register_bn_relu_pool_autograd(_gap_fwd_op, _gap_bwd_op, residual_input=False)
 
 
 def bn_relu_gap(z, bn_weight, bn_bias, running_mean, running_var, training, eps=1e-5):

@@ -4,7 +4,8 @@ from typing import Optional, Tuple
 
 from torch import Tensor
 
-from ._bn_kernels import batch_or_running_stats, bn_relu_pool_backward, pool_bn_relu_add
+from ._bn_kernels import (batch_or_running_stats, bn_relu_pool_backward, pool_bn_relu_add,
+                          register_bn_relu_pool_autograd)
 from ._common import bn_fold, check_bn_args, check_tensor, check_vec, define_op, pool_factor, strides4
 
 
@@ -26,21 +27,7 @@ def _bwd(grad_out: Tensor, z: Tensor, bn_weight: Tensor, bn_bias: Tensor, mean: 
 _fwd_op = define_op("image_context_tail", _fwd)
 _bwd_op = define_op("image_context_tail_backward", _bwd)
 
-
-def _setup_context(ctx, inputs, output):
-    _, z, bn_weight, bn_bias, _, _, training, eps = inputs
-    _, mean, var = output
-    ctx.training, ctx.eps = training, eps
-    ctx.save_for_backward(z, bn_weight, bn_bias, mean, var)
-
-
-def _backward(ctx, grad_out, *_):
-    z, w, b, mean, var = ctx.saved_tensors
-    grad_z, grad_w, grad_b = _bwd_op(grad_out, z, w, b, mean, var, ctx.training, ctx.eps)
-    return grad_out, grad_z, grad_w, grad_b, None, None, None, None
-
-
-_fwd_op.register_autograd(_backward, setup_context=_setup_context)
+register_bn_relu_pool_autograd(_fwd_op, _bwd_op, residual_input=True)
 
 
 def _check(h_name, h, z, bn_weight, bn_bias):

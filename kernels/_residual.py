@@ -27,8 +27,9 @@ import triton.language as tl
 from torch import Tensor
 
 from ._common import (FLOAT_DTYPES, acc_dtype, add_base, bn_fold, check_sequences, check_tensor,
-                      check_vec, define_op, dot_config, launch, mma, pixel_block, pool_factor, pow2,
-                      split_pixels, split_plan, strides4, to_acc, zeros_acc)
+                      check_vec, chunk_block, chunk_bounds, define_op, dot_config, launch, mma,
+                      pixel_block, pool_factor, pow2, split_pixels, split_plan, strides4, to_acc,
+                      zeros_acc)
 
 MAX_TERMS = 3  # context terms fused into one apply launch
 
@@ -57,11 +58,9 @@ def _ctx_gram_kernel(
             piv_j = to_acc(tl.load(c_ptr + kj * sC, mask=mkj, other=0), FP64)
         acc = zeros_acc(BLOCK_K, BLOCK_K, FP64)
         s1 = zeros_acc(BLOCK_K, BLOCK_P, FP64)
-        end = tl.minimum(sp * CHUNK + CHUNK, P)
-        for p0 in range(sp * CHUNK, end, BLOCK_P):
-            p = p0 + tl.arange(0, BLOCK_P)
-            mp = p < end
-            n, h, w = split_pixels(p, HW, W)
+        start, end = chunk_bounds(sp, CHUNK, P)
+        for p0 in range(start, end, BLOCK_P):
+            mp, n, h, w = chunk_block(p0, end, HW, W, BLOCK_P)
             off = n * sN + h * sH + w * sW
             mi = mki[:, None] & mp[None, :]
             mj = mp[:, None] & mkj[None, :]
@@ -164,11 +163,9 @@ def _ctx_grad_kernel(
     center = tl.load(center_ptr + kk, mask=mkk, other=0)
     G = zeros_acc(BLOCK_C, BLOCK_K, FP64)
     D = zeros_acc(BLOCK_C, BLOCK_Q, FP64)
-    end = tl.minimum(sp * QCHUNK + QCHUNK, Q)
-    for q0 in range(sp * QCHUNK, end, BLOCK_Q):
-        q = q0 + tl.arange(0, BLOCK_Q)
-        mq = q < end
-        n, i, j = split_pixels(q, HO * WO, WO)
+    start, end = chunk_bounds(sp, QCHUNK, Q)
+    for q0 in range(start, end, BLOCK_Q):
+        mq, n, i, j = chunk_block(q0, end, HO * WO, WO, BLOCK_Q)
         g_off = n[None, :] * gN + co[:, None] * gC + (i * gH + j * gW)[None, :]
         g = to_acc(tl.load(g_ptr + g_off, mask=mc[:, None] & mq[None, :], other=0), FP64)
         for a in range(SH):

@@ -117,6 +117,18 @@ def assert_stats(actual, expected, dtype, what):
                                msg=lambda m: f"{what} ({dtype}): {m}")
 
 
+def assert_bn_outputs(outs, outs_ref, running, dtype, training, what):
+    """``(out, mean, var)`` of a BatchNorm op vs. the reference: ``out`` within TOL; the batch
+    statistics in training, the ``running`` (mean, var) buffers themselves in eval."""
+    (out, mean, var), (out_ref, mean_ref, var_ref) = outs, outs_ref
+    assert_close(out, out_ref, dtype, what)
+    if training:
+        assert_stats(mean, mean_ref, dtype, "mean")
+        assert_stats(var, var_ref, dtype, "var")
+    else:
+        assert mean is running[0] and var is running[1]
+
+
 def assert_grads(out, out_ref, leaves, leaves_ref, dtype, names, gen):
     go = torch.randn(out_ref.shape, generator=gen, dtype=torch.float64).to(out.dtype).to(out.device)
     grads = torch.autograd.grad(out, leaves, go, retain_graph=True)
@@ -240,12 +252,8 @@ def test_image_context_tail(dtype, layout, training, s):
     ins_ref = [up(t) for t in (h, z, g, b, rm, rv)]
     out_ref, mean_ref, var_ref = ref.image_context_tail_ref(*ins_ref, training)
     assert out.dtype == h.dtype and memory_format_ok(out, h)
-    assert_close(out, out_ref, dtype, "image_context_tail out")
-    if training:
-        assert_stats(mean, mean_ref, dtype, "mean")
-        assert_stats(var, var_ref, dtype, "var")
-    else:
-        assert mean is rm and var is rv
+    assert_bn_outputs((out, mean, var), (out_ref, mean_ref, var_ref), (rm, rv), dtype, training,
+                      "image_context_tail out")
     grads = assert_grads(out, out_ref, (z, g, b), ins_ref[1:4], dtype, ("z", "gamma", "beta"), mk.gen)
     assert memory_format_ok(grads[0], z)
     # the standalone backward gives the same gradients
@@ -306,12 +314,8 @@ def test_bn_relu_gap(dtype, layout, training, shape):
     ins_ref = [up(t) for t in (z, g, b, rm, rv)]
     pooled_ref, mean_ref, var_ref = ref.bn_relu_gap_ref(*ins_ref, training)
     assert pooled.dtype == dtype and pooled.shape == shape[:2]
-    assert_close(pooled, pooled_ref, dtype, "bn_relu_gap pooled")
-    if training:
-        assert_stats(mean, mean_ref, dtype, "mean")
-        assert_stats(var, var_ref, dtype, "var")
-    else:
-        assert mean is rm and var is rv
+    assert_bn_outputs((pooled, mean, var), (pooled_ref, mean_ref, var_ref), (rm, rv), dtype,
+                      training, "bn_relu_gap pooled")
     grads = assert_grads(pooled, pooled_ref, (z, g, b), ins_ref[:3], dtype, ("z", "gamma", "beta"), mk.gen)
     assert memory_format_ok(grads[0], z)
 
