@@ -190,12 +190,16 @@ def _register() -> None:
     torch.library.register_fake(lib + "image_context_tail_backward", bn_bwd_fake)
     torch.library.register_fake(lib + "bn_relu_gap_backward", bn_bwd_fake)
 
-    def ict_setup(ctx, inputs, output):
-        _h, z, bn_weight, bn_bias, _rm, _rv, training, eps = inputs
+    # saves what the fused BN/ReLU backward ops need (stats outputs are non-differentiable)
+    def bn_setup(ctx, output, z, bn_weight, bn_bias, training, eps):
         _out, mean, var = output
         ctx.mark_non_differentiable(mean, var)
         ctx.training, ctx.eps = training, eps
         ctx.save_for_backward(z, bn_weight, bn_bias, mean, var)
+
+    def ict_setup(ctx, inputs, output):
+        _h, z, bn_weight, bn_bias, _rm, _rv, training, eps = inputs
+        bn_setup(ctx, output, z, bn_weight, bn_bias, training, eps)
 
     def ict_backward(ctx, grad_out, _gm, _gv):
         z, g, b, mean, var = ctx.saved_tensors
@@ -210,10 +214,7 @@ def _register() -> None:
 
     def gap_setup(ctx, inputs, output):
         z, bn_weight, bn_bias, _rm, _rv, training, eps = inputs
-        _out, mean, var = output
-        ctx.mark_non_differentiable(mean, var)
-        ctx.training, ctx.eps = training, eps
-        ctx.save_for_backward(z, bn_weight, bn_bias, mean, var)
+        bn_setup(ctx, output, z, bn_weight, bn_bias, training, eps)
 
     def gap_backward(ctx, grad_pooled, _gm, _gv):
         z, g, b, mean, var = ctx.saved_tensors
@@ -326,6 +327,18 @@ def _bn_params(bn_weight, bn_bias, running_mean, running_var, training, C, like,
     return g, b, running_mean, running_var
 
 
+def _bn_fused(op, lead, z, bn_weight, bn_bias, running_mean, running_var, training, eps, fn):
+    """Runs ``op(*lead, z, g, b, rm, rv, training, eps)`` with defaulted BN params; returns
+    (result, batch mean, batch var) in training, else (result, running_mean, running_var)."""
+    C = z.shape[1] if isinstance(z, Tensor) and z.dim() > 1 else 0
+    like = bn_weight if bn_weight is not None else z
+    g, b, rm, rv = _bn_params(bn_weight, bn_bias, running_mean, running_var, training, C, like, fn)
+    res, mean, var = op(*lead, z, g, b, rm, rv, bool(training), float(eps))
+    if training:
+        return res, mean, var
+    return res, running_mean, running_var
+
+
 def image_context_tail(
     h: Tensor,
     z: Tensor,
@@ -342,14 +355,8 @@ def image_context_tail(
     _require()
     if isinstance(z, Tensor) and isinstance(h, Tensor) and z.dtype != h.dtype:
         z = z.to(h.dtype)
-    C = z.shape[1] if isinstance(z, Tensor) and z.dim() > 1 else 0
-    like = bn_weight if bn_weight is not None else z
-    g, b, rm, rv = _bn_params(bn_weight, bn_bias, running_mean, running_var, training, C, like,
-                              "image_context_tail")
-    out, mean, var = _ops.image_context_tail(h, z, g, b, rm, rv, bool(training), float(eps))
-    if training:
-        return out, mean, var
-    return out, running_mean, running_var
+    return _bn_fused(_ops.image_context_tail, (h,), z, bn_weight, bn_bias, running_mean, running_var,
+                     training, eps, "image_context_tail")
 
 
 def image_context_tail_backward(
@@ -388,13 +395,8 @@ def bn_relu_gap(
     :func:`contsup_fast.fused.reference.bn_relu_gap_ref`. Gradients flow to ``z``,
     ``bn_weight`` and ``bn_bias``."""
     _require()
-    C = z.shape[1] if isinstance(z, Tensor) and z.dim() > 1 else 0
-    like = bn_weight if bn_weight is not None else z
-    g, b, rm, rv = _bn_params(bn_weight, bn_bias, running_mean, running_var, training, C, like, "bn_relu_gap")
-    pooled, mean, var = _ops.bn_relu_gap(z, g, b, rm, rv, bool(training), float(eps))
-    if training:
-        return pooled, mean, var
-    return pooled, running_mean, running_var
+    return _bn_fused(_ops.bn_relu_gap, (), z, bn_weight, bn_bias, running_mean, running_var, training, eps,
+                     "bn_relu_gap")
 
 
 def bn_relu_gap_backward(

@@ -188,6 +188,19 @@ Tensor launch_channel_reduce(const Tensor& x, F f, bool per_sample) {
   return partial;
 }
 
+// Splits a memory-order element index e into (n, c, h, w): order (n, h, w, c) when cin, else (n, c, h, w).
+__device__ __forceinline__ void split_index4(uint32_t e, const Div& d0, const Div& d1, const Div& d2, bool cin,
+                                             uint32_t& n, uint32_t& c, uint32_t& h, uint32_t& w) {
+  const auto a0 = d0.divmod(e);
+  const auto a1 = d1.divmod(a0.div);
+  const auto a2 = d2.divmod(a1.div);
+  if (cin) {
+    c = a0.mod; w = a1.mod; h = a2.mod; n = a2.div;
+  } else {
+    w = a0.mod; h = a1.mod; c = a2.mod; n = a2.div;
+  }
+}
+
 // ------------------------------------------------------------------------------------
 // out[n,c,ho,wo] = in[n,c,ho,wo] + (1/(sh*sw)) * sum_window act(A[c] z + B[c]);
 // one thread per output element, enumerated in out's memory order.
@@ -200,14 +213,7 @@ pool_window_kernel(const scalar_t* __restrict__ z, View4 zv, const acc_t* __rest
   const uint32_t e = blockIdx.x * kThreads + threadIdx.x;
   if (e >= total) return;
   uint32_t n, c, ho, wo;
-  const auto a0 = d0.divmod(e);
-  const auto a1 = d1.divmod(a0.div);
-  const auto a2 = d2.divmod(a1.div);
-  if (ocin) {  // order (n, ho, wo, c)
-    c = a0.mod; wo = a1.mod; ho = a2.mod; n = a2.div;
-  } else {     // order (n, c, ho, wo)
-    wo = a0.mod; ho = a1.mod; c = a2.mod; n = a2.div;
-  }
+  split_index4(e, d0, d1, d2, ocin, n, c, ho, wo);
   const acc_t Ac = A[c], Bc = B[c];
   const scalar_t* zp = z + offset4(zv, n, c, static_cast<int64_t>(ho) * sh, static_cast<int64_t>(wo) * sw);
   acc_t s = acc_t(0);
@@ -234,14 +240,7 @@ pool_bwd_dz_kernel(const scalar_t* __restrict__ g, View4 gv, const scalar_t* __r
   const uint32_t e = blockIdx.x * kThreads + threadIdx.x;
   if (e >= total) return;
   uint32_t n, c, h, w;
-  const auto a0 = d0.divmod(e);
-  const auto a1 = d1.divmod(a0.div);
-  const auto a2 = d2.divmod(a1.div);
-  if (cin) {
-    c = a0.mod; w = a1.mod; h = a2.mod; n = a2.div;
-  } else {
-    w = a0.mod; h = a1.mod; c = a2.mod; n = a2.div;
-  }
+  split_index4(e, d0, d1, d2, cin, n, c, h, w);
   const acc_t x = static_cast<acc_t>(z[offset4(zv, n, c, h, w)]);
   const acc_t Ac = A[c];
   acc_t ga = acc_t(0);
@@ -257,6 +256,100 @@ constexpr int TK = 64;  // output channels per block
 constexpr int TJ = 32;  // context channels per shared-memory stage
 constexpr int TQ = 32;  // context pixels per stage (backward / comoment)
 constexpr int TI = 64;  // comoment tile / backward C_r tile
+
+// Visits this thread's entries of an (NPIX pixels x NCH channels) staging tile in the source
+// tensor's memory order (channels fastest when cin), calling f(pixel, channel) for each.
+template <int NPIX, int NCH, typename F>
+__device__ __forceinline__ void for_each_staged(bool cin, F f) {
+#pragma unroll 2
+  for (int i = 0; i < (NPIX * NCH) / kThreads; ++i) {
+    const int e = threadIdx.x + kThreads * i;
+    int cl, pl;
+    if (cin) { cl = e % NCH; pl = e / NCH; } else { pl = e % NPIX; cl = e / NPIX; }
+    f(pl, cl);
+  }
+}
+
+// Sets every entry of a thread's (NB x 4) register tile to v.
+template <int NB, typename acc_t>
+__device__ __forceinline__ void fill_tile(acc_t (&x)[NB][4], acc_t v) {
+#pragma unroll
+  for (int b = 0; b < NB; ++b)
+#pragma unroll
+    for (int a = 0; a < 4; ++a) x[b][a] = v;
+}
+
+// Register-blocked outer product: acc[b][a] += xs[ty + 16b] * ws[tx + 16a].
+template <int NB, typename acc_t>
+__device__ __forceinline__ void fma_tile(acc_t (&acc)[NB][4], const acc_t* xs, const acc_t* ws, int ty, int tx) {
+  acc_t wv[4], xv[NB];
+#pragma unroll
+  for (int a = 0; a < 4; ++a) wv[a] = ws[tx + 16 * a];
+#pragma unroll
+  for (int b = 0; b < NB; ++b) xv[b] = xs[ty + 16 * b];
+#pragma unroll
+  for (int b = 0; b < NB; ++b)
+#pragma unroll
+    for (int a = 0; a < 4; ++a) acc[b][a] += xv[b] * wv[a];
+}
+
+// Stores a thread's 4x4 tile to row-major out (leading dim ld): row r0 + ty + 16b < nr, col c0 + tx + 16a < nc.
+template <typename acc_t>
+__device__ __forceinline__ void store_tile(acc_t* __restrict__ out, int64_t ld, int64_t r0, int64_t nr, int64_t c0,
+                                           int64_t nc, const acc_t (&acc)[4][4], int ty, int tx) {
+#pragma unroll
+  for (int b = 0; b < 4; ++b) {
+    const int64_t r = r0 + ty + 16 * b;
+#pragma unroll
+    for (int a = 0; a < 4; ++a) {
+      const int64_t col = c0 + tx + 16 * a;
+      if (r < nr && col < nc) out[r * ld + col] = acc[b][a];
+    }
+  }
+}
+
+// Loads the folded bias b'[k0 + tx + 16a] of a thread's 4 output channels (0 past C).
+template <typename acc_t>
+__device__ __forceinline__ void load_bias4(acc_t (&bk)[4], const acc_t* __restrict__ bp, int64_t k0, int tx, int64_t C) {
+#pragma unroll
+  for (int a = 0; a < 4; ++a) {
+    const int64_t k = k0 + tx + 16 * a;
+    bk[a] = k < C ? bp[k] : acc_t(0);
+  }
+}
+
+// y = W' c (no bias) for NPIX staged pixels (ty + 16b) x 64 output channels (k0 + tx + 16a),
+// over all of C_r in TJ-channel stages of c (cs: [TJ][NPIX + 1]) and W' (ws: [TJ][TK]) in
+// shared memory; pixel pl reads c[poff[pl] + doff + j * sC] when pvalid[pl]. Every thread
+// must call it (it synchronises); poff/pvalid must be visible to all threads on entry.
+template <int NPIX, typename scalar_t, typename acc_t>
+__device__ __forceinline__ void tiled_wc(acc_t (&y)[NPIX / 16][4], const scalar_t* __restrict__ c, const View4& cv,
+                                         bool cin, const int64_t* poff, const bool* pvalid, int64_t doff,
+                                         const acc_t* __restrict__ Wt, int64_t k0, int64_t C, acc_t* cs, acc_t* ws) {
+  constexpr int CS_LD = NPIX + 1;  // padded (bank conflicts)
+  const int t = threadIdx.x, tx = t & 15, ty = t >> 4;
+  const int64_t Cr = cv.C;
+  fill_tile(y, acc_t(0));
+  for (int64_t j0 = 0; j0 < Cr; j0 += TJ) {
+    for_each_staged<NPIX, TJ>(cin, [&](int pl, int jl) {
+      const int64_t j = j0 + jl;
+      acc_t val = acc_t(0);
+      if (pvalid[pl] && j < Cr) val = static_cast<acc_t>(c[poff[pl] + doff + j * cv.sC]);
+      cs[jl * CS_LD + pl] = val;
+    });
+#pragma unroll 2
+    for (int i = 0; i < (TJ * TK) / kThreads; ++i) {
+      const int e = t + kThreads * i;
+      const int kl = e % TK, jl = e / TK;
+      const int64_t j = j0 + jl, k = k0 + kl;
+      ws[jl * TK + kl] = (j < Cr && k < C) ? Wt[j * C + k] : acc_t(0);
+    }
+    __syncthreads();
+#pragma unroll 8
+    for (int jl = 0; jl < TJ; ++jl) fma_tile(y, cs + jl * CS_LD, ws + jl * TK, ty, tx);
+    __syncthreads();
+  }
+}
 
 // Forward: out = in + avgpool(relu(W' c + b')), W' given transposed as Wt (Cr, C).
 // Block = (64 output pixels) x (64 output channels); loops over the sh*sw window offsets
@@ -277,7 +370,7 @@ residual_out_kernel(const scalar_t* __restrict__ c, View4 cv, const acc_t* __res
   acc_t* ot = smem;                 // [TK][TP + 1]  epilogue tile (k, pixel)
 
   const int t = threadIdx.x, tx = t & 15, ty = t >> 4;
-  const int64_t Cr = cv.C, C = ov.C;
+  const int64_t C = ov.C;
   const int64_t k0 = static_cast<int64_t>(blockIdx.y) * TK;
   const uint32_t p0 = blockIdx.x * TP;
   if (t < TP) {
@@ -295,16 +388,9 @@ residual_out_kernel(const scalar_t* __restrict__ c, View4 cv, const acc_t* __res
     coff[t] = co; ioff[t] = io; ooff[t] = oo; valid[t] = ok;
   }
   acc_t bk[4];
-#pragma unroll
-  for (int a = 0; a < 4; ++a) {
-    const int64_t k = k0 + tx + 16 * a;
-    bk[a] = k < C ? bp[k] : acc_t(0);
-  }
+  load_bias4(bk, bp, k0, tx, C);
   acc_t pacc[4][4];
-#pragma unroll
-  for (int b = 0; b < 4; ++b)
-#pragma unroll
-    for (int a = 0; a < 4; ++a) pacc[b][a] = acc_t(0);
+  fill_tile(pacc, acc_t(0));
   const bool cin = chan_inner(cv);
   __syncthreads();
 
@@ -312,43 +398,7 @@ residual_out_kernel(const scalar_t* __restrict__ c, View4 cv, const acc_t* __res
     for (int dx = 0; dx < sw; ++dx) {
       const int64_t doff = dy * cv.sH + dx * cv.sW;
       acc_t y[4][4];
-#pragma unroll
-      for (int b = 0; b < 4; ++b)
-#pragma unroll
-        for (int a = 0; a < 4; ++a) y[b][a] = acc_t(0);
-      for (int64_t j0 = 0; j0 < Cr; j0 += TJ) {
-#pragma unroll 2
-        for (int i = 0; i < (TJ * TP) / kThreads; ++i) {
-          const int e = t + kThreads * i;
-          int jl, pl;
-          if (cin) { jl = e % TJ; pl = e / TJ; } else { pl = e % TP; jl = e / TP; }
-          const int64_t j = j0 + jl;
-          acc_t val = acc_t(0);
-          if (valid[pl] && j < Cr) val = static_cast<acc_t>(c[coff[pl] + doff + j * cv.sC]);
-          cs[jl * CS_LD + pl] = val;
-        }
-#pragma unroll 2
-        for (int i = 0; i < (TJ * TK) / kThreads; ++i) {
-          const int e = t + kThreads * i;
-          const int kl = e % TK, jl = e / TK;
-          const int64_t j = j0 + jl, k = k0 + kl;
-          ws[jl * TK + kl] = (j < Cr && k < C) ? Wt[j * C + k] : acc_t(0);
-        }
-        __syncthreads();
-#pragma unroll 8
-        for (int jl = 0; jl < TJ; ++jl) {
-          acc_t wv[4], xv[4];
-#pragma unroll
-          for (int a = 0; a < 4; ++a) wv[a] = ws[jl * TK + tx + 16 * a];
-#pragma unroll
-          for (int b = 0; b < 4; ++b) xv[b] = cs[jl * CS_LD + ty + 16 * b];
-#pragma unroll
-          for (int b = 0; b < 4; ++b)
-#pragma unroll
-            for (int a = 0; a < 4; ++a) y[b][a] += xv[b] * wv[a];
-        }
-        __syncthreads();
-      }
+      tiled_wc<TP>(y, c, cv, cin, coff, valid, doff, Wt, k0, C, cs, ws);
 #pragma unroll
       for (int b = 0; b < 4; ++b)
 #pragma unroll
@@ -394,10 +444,7 @@ comoment_kernel(const scalar_t* __restrict__ c, View4 cv, const acc_t* __restric
   const uint32_t q1 = min(q0 + chunk, P);
   const bool cin = chan_inner(cv);
   acc_t acc[4][4];
-#pragma unroll
-  for (int b = 0; b < 4; ++b)
-#pragma unroll
-    for (int a = 0; a < 4; ++a) acc[b][a] = acc_t(0);
+  fill_tile(acc, acc_t(0));
   for (uint32_t qs = q0; qs < q1; qs += TQ) {
     if (t < TQ) {
       const uint32_t q = qs + t;
@@ -412,11 +459,7 @@ comoment_kernel(const scalar_t* __restrict__ c, View4 cv, const acc_t* __restric
       pvalid[t] = ok;
     }
     __syncthreads();
-#pragma unroll 2
-    for (int it = 0; it < (TQ * TI) / kThreads; ++it) {
-      const int e = t + kThreads * it;
-      int cl, pl;
-      if (cin) { cl = e % TI; pl = e / TI; } else { pl = e % TQ; cl = e / TQ; }
+    for_each_staged<TQ, TI>(cin, [&](int pl, int cl) {
       const int64_t ii = i0 + cl, jj = j0 + cl;
       acc_t vi = acc_t(0), vj = acc_t(0);
       if (pvalid[pl]) {
@@ -425,32 +468,13 @@ comoment_kernel(const scalar_t* __restrict__ c, View4 cv, const acc_t* __restric
       }
       ci[pl * LD + cl] = vi;
       cj[pl * LD + cl] = vj;
-    }
+    });
     __syncthreads();
 #pragma unroll 4
-    for (int p = 0; p < TQ; ++p) {
-      acc_t vi[4], vj[4];
-#pragma unroll
-      for (int b = 0; b < 4; ++b) vi[b] = ci[p * LD + ty + 16 * b];
-#pragma unroll
-      for (int a = 0; a < 4; ++a) vj[a] = cj[p * LD + tx + 16 * a];
-#pragma unroll
-      for (int b = 0; b < 4; ++b)
-#pragma unroll
-        for (int a = 0; a < 4; ++a) acc[b][a] += vi[b] * vj[a];
-    }
+    for (int p = 0; p < TQ; ++p) fma_tile(acc, ci + p * LD, cj + p * LD, ty, tx);
     __syncthreads();
   }
-  acc_t* out = partial + static_cast<int64_t>(blockIdx.y) * Cr * Cr;
-#pragma unroll
-  for (int b = 0; b < 4; ++b) {
-    const int64_t ii = i0 + ty + 16 * b;
-#pragma unroll
-    for (int a = 0; a < 4; ++a) {
-      const int64_t jj = j0 + tx + 16 * a;
-      if (ii < Cr && jj < Cr) out[ii * Cr + jj] = acc[b][a];
-    }
-  }
+  store_tile(partial + static_cast<int64_t>(blockIdx.y) * Cr * Cr, Cr, i0, Cr, j0, Cr, acc, ty, tx);
 }
 
 // Backward sums of the residual-context op for one (64 output channels) x (64 context
@@ -485,16 +509,9 @@ residual_bwd_kernel(const scalar_t* __restrict__ g, View4 gv, const scalar_t* __
   const bool cin = chan_inner(cv), gcin = chan_inner(gv);
 
   acc_t bk[4];
-#pragma unroll
-  for (int a = 0; a < 4; ++a) {
-    const int64_t k = k0 + tx + 16 * a;
-    bk[a] = k < C ? bp[k] : acc_t(0);
-  }
+  load_bias4(bk, bp, k0, tx, C);
   acc_t gacc[4][4];
-#pragma unroll
-  for (int b = 0; b < 4; ++b)
-#pragma unroll
-    for (int a = 0; a < 4; ++a) gacc[b][a] = acc_t(0);
+  fill_tile(gacc, acc_t(0));
   acc_t sg = acc_t(0);
 
   for (uint32_t qs = q0; qs < q1; qs += TQ) {
@@ -513,66 +530,22 @@ residual_bwd_kernel(const scalar_t* __restrict__ g, View4 gv, const scalar_t* __
     }
     // y = W' c + b' for this stage's 32 pixels (ty + 16b, b < 2) x 64 channels (tx + 16a)
     acc_t y[2][4];
-#pragma unroll
-    for (int b = 0; b < 2; ++b)
-#pragma unroll
-      for (int a = 0; a < 4; ++a) y[b][a] = acc_t(0);
     __syncthreads();
-    for (int64_t j0 = 0; j0 < Cr; j0 += TJ) {
-#pragma unroll 2
-      for (int i = 0; i < (TJ * TQ) / kThreads; ++i) {
-        const int e = t + kThreads * i;
-        int jl, pl;
-        if (cin) { jl = e % TJ; pl = e / TJ; } else { pl = e % TQ; jl = e / TQ; }
-        const int64_t j = j0 + jl;
-        acc_t val = acc_t(0);
-        if (pvalid[pl] && j < Cr) val = static_cast<acc_t>(c[poff[pl] + j * cv.sC]);
-        cs[jl * CS_LD + pl] = val;
-      }
-#pragma unroll 2
-      for (int i = 0; i < (TJ * TK) / kThreads; ++i) {
-        const int e = t + kThreads * i;
-        const int kl = e % TK, jl = e / TK;
-        const int64_t j = j0 + jl, k = k0 + kl;
-        ws[jl * TK + kl] = (j < Cr && k < C) ? Wt[j * C + k] : acc_t(0);
-      }
-      __syncthreads();
-#pragma unroll 8
-      for (int jl = 0; jl < TJ; ++jl) {
-        acc_t wv[4], xv[2];
-#pragma unroll
-        for (int a = 0; a < 4; ++a) wv[a] = ws[jl * TK + tx + 16 * a];
-#pragma unroll
-        for (int b = 0; b < 2; ++b) xv[b] = cs[jl * CS_LD + ty + 16 * b];
-#pragma unroll
-        for (int b = 0; b < 2; ++b)
-#pragma unroll
-          for (int a = 0; a < 4; ++a) y[b][a] += xv[b] * wv[a];
-      }
-      __syncthreads();
-    }
+    tiled_wc<TQ>(y, c, cv, cin, poff, pvalid, 0, Wt, k0, C, cs, ws);
     // upstream gradient tile, loaded in grad's memory order
-#pragma unroll 2
-    for (int i = 0; i < (TQ * TK) / kThreads; ++i) {
-      const int e = t + kThreads * i;
-      int kl, pl;
-      if (gcin) { kl = e % TK; pl = e / TK; } else { pl = e % TQ; kl = e / TQ; }
+    for_each_staged<TQ, TK>(gcin, [&](int pl, int kl) {
       const int64_t k = k0 + kl;
       acc_t val = acc_t(0);
       if (pvalid[pl] && k < C) val = static_cast<acc_t>(g[goff[pl] + k * gv.sC]) * inv;
       gs[pl * G_LD + kl] = val;
-    }
+    });
     // centred context tile for this block's C_r tile (cs/ws are free after the sync above)
-#pragma unroll 2
-    for (int i = 0; i < (TQ * TI) / kThreads; ++i) {
-      const int e = t + kThreads * i;
-      int jl, pl;
-      if (cin) { jl = e % TI; pl = e / TI; } else { pl = e % TQ; jl = e / TQ; }
+    for_each_staged<TQ, TI>(cin, [&](int pl, int jl) {
       const int64_t j = jb + jl;
       acc_t val = acc_t(0);
       if (pvalid[pl] && j < Cr) val = static_cast<acc_t>(c[poff[pl] + j * cv.sC]) - center[j];
       cj[pl * CJ_LD + jl] = val;
-    }
+    });
     __syncthreads();
     // ReLU mask: each thread owns the (pixel, channel) entries it computed y for
 #pragma unroll
@@ -586,29 +559,10 @@ residual_bwd_kernel(const scalar_t* __restrict__ g, View4 gv, const scalar_t* __
     }
     // G tile: thread owns channels k = ty + 16b and context channels j = tx + 16a
 #pragma unroll 4
-    for (int p = 0; p < TQ; ++p) {
-      acc_t gv4[4], cv4[4];
-#pragma unroll
-      for (int b = 0; b < 4; ++b) gv4[b] = gs[p * G_LD + ty + 16 * b];
-#pragma unroll
-      for (int a = 0; a < 4; ++a) cv4[a] = cj[p * CJ_LD + tx + 16 * a];
-#pragma unroll
-      for (int b = 0; b < 4; ++b)
-#pragma unroll
-        for (int a = 0; a < 4; ++a) gacc[b][a] += gv4[b] * cv4[a];
-    }
+    for (int p = 0; p < TQ; ++p) fma_tile(gacc, gs + p * G_LD, cj + p * CJ_LD, ty, tx);
     __syncthreads();
   }
-  acc_t* Gout = Gp + static_cast<int64_t>(blockIdx.y) * C * Cr;
-#pragma unroll
-  for (int b = 0; b < 4; ++b) {
-    const int64_t k = k0 + ty + 16 * b;
-#pragma unroll
-    for (int a = 0; a < 4; ++a) {
-      const int64_t j = jb + tx + 16 * a;
-      if (k < C && j < Cr) Gout[k * Cr + j] = gacc[b][a];
-    }
-  }
+  store_tile(Gp + static_cast<int64_t>(blockIdx.y) * C * Cr, Cr, k0, C, jb, Cr, gacc, ty, tx);
   if (jt == 0 && t < TK && k0 + t < C) Sp[static_cast<int64_t>(blockIdx.y) * C + k0 + t] = sg;
 }
 
