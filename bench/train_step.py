@@ -29,7 +29,7 @@ from contsup_fast.memory import SavedTensorMeter
 from contsup_fast.models import build_model
 from contsup_fast.splitting import plan_split
 
-from .common import RESULTS, environment, format_table, median_time, write_json
+from .common import environment, format_table, median_time, write_json
 
 MODELS = {  # name: (image size, batch on GPU, batch on CPU)
     "resnet32": (32, 1024, 64),
@@ -119,7 +119,7 @@ def run(models: List[str], Ks: List[int], contexts: List[str], backends: List[st
             configs.append(("E2E compile", 1, "-", "-",
                             lambda: (lambda m: (m, _e2e_step(torch.compile(m), amp)))(fresh())))
         for K in Ks:
-            configs.append((f"E2E checkpoint", K, "-", "-",
+            configs.append(("E2E checkpoint", K, "-", "-",
                             lambda K=K: (lambda m: (m, _checkpoint_step(m, K, size, amp)))(fresh())))
             for ctx in contexts:
                 for b in backends:

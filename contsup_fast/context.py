@@ -137,8 +137,9 @@ class _ImageContextRecompute(torch.autograd.Function):
         with torch.no_grad():
             t1 = enc.conv1(x)
             if enc.bn1.training:
-                _bn_stats_update(enc.bn1, t1)
-                t1 = F.batch_norm(t1, None, None, enc.bn1.weight, enc.bn1.bias, True, 0.0, enc.bn1.eps)
+                # one statistics pass serves the running-stat update and the normalisation
+                mean1, var1 = _bn_stats_update(enc.bn1, t1)
+                t1 = F.batch_norm(t1, mean1, var1, enc.bn1.weight, enc.bn1.bias, False, 0.0, enc.bn1.eps)
             else:
                 t1 = enc.bn1(t1)
             z = enc.conv2(F.relu(t1))
@@ -176,9 +177,11 @@ class _ImageContextRecompute(torch.autograd.Function):
 
 
 @torch.no_grad()
-def _bn_stats_update(bn: nn.BatchNorm2d, t: Tensor) -> None:
+def _bn_stats_update(bn: nn.BatchNorm2d, t: Tensor) -> Tuple[Tensor, Tensor]:
+    """Batch mean and biased variance of ``t``, folded into ``bn``'s running buffers."""
     mean, var = batch_norm_stats(t)
     update_running_stats(bn, mean, var, t.shape[0] * t.shape[2] * t.shape[3])
+    return mean, var
 
 
 class BoundaryContext(nn.Module):

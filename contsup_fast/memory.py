@@ -17,8 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-import weakref
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Dict, Iterable, List, Optional
 
 import torch

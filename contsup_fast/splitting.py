@@ -180,7 +180,6 @@ def _balanced_cuts(order: List[str], costs: Dict[str, int], candidates: List[str
         prefix.append(prefix[-1] + costs.get(name, 0))
     pos = {name: i + 1 for i, name in enumerate(order)}  # cost of nodes up to and including name
     cand_pos = [pos[c] for c in candidates]
-    total = prefix[-1]
     ends = cand_pos + [len(order)]
     m = len(ends)
     INF = float("inf")
@@ -201,7 +200,6 @@ def _balanced_cuts(order: List[str], costs: Dict[str, int], candidates: List[str
         s = back[k][e]
         cuts.append(candidates[s])
         e, k = s, k - 1
-    del total
     return sorted(cuts, key=lambda c: pos[c])
 
 

@@ -1,6 +1,4 @@
 """LocalSequential on the fused backends: same training step as the eager composition, less memory."""
-import os
-
 import pytest
 import torch
 from torch import nn
@@ -24,8 +22,7 @@ def _pair(backend, make=resnet20, K=4, context="R1E", aux="1c2f", seed=0):
     return ref, fused
 
 
-def _tols(backend):
-    return dict(rtol=2e-3, atol=2e-4)
+TOL = dict(rtol=2e-3, atol=2e-4)
 
 
 @pytest.mark.parametrize("backend", FUSED)
@@ -36,15 +33,15 @@ def test_training_step_matches_torch_backend(backend, context, aux):
     x, y = torch.randn(6, 3, 32, 32, generator=g), torch.randint(0, 10, (6,), generator=g)
     a, b = ref(x, y), fused(x, y)
     assert fused.backend_for(x.device).name == backend
-    torch.testing.assert_close(b.local_losses, a.local_losses, **_tols(backend))
+    torch.testing.assert_close(b.local_losses, a.local_losses, **TOL)
     for (k, p), (_, q) in zip(ref.named_parameters(), fused.named_parameters()):
         assert (p.grad is None) == (q.grad is None), k
         if p.grad is not None:
-            torch.testing.assert_close(q.grad, p.grad, **_tols(backend), msg=k)
+            torch.testing.assert_close(q.grad, p.grad, **TOL, msg=k)
     for (k, u), (_, v) in zip(ref.named_buffers(), fused.named_buffers()):
         torch.testing.assert_close(v, u, rtol=1e-4, atol=1e-5, msg=k)
     ref.eval(), fused.eval()
-    torch.testing.assert_close(fused(x), ref(x), **_tols(backend))
+    torch.testing.assert_close(fused(x), ref(x), **TOL)
 
 
 @pytest.mark.parametrize("backend", FUSED)

@@ -5,7 +5,7 @@ from torch import nn
 
 from contsup_fast import LocalSequential
 from contsup_fast.models import resnet32, resnet110
-from contsup_fast.presets import EQUAL_LAYERS, MEMORY_BALANCED, cut_to_node_name
+from contsup_fast.presets import EQUAL_LAYERS, MEMORY_BALANCED
 from contsup_fast.splitting import plan_split
 
 

@@ -20,7 +20,7 @@ Conventions shared by all ops (ContSup, arXiv 2312.07636, Sec. 3 and Fig. 3):
 """
 from __future__ import annotations
 
-from typing import List, Optional, Sequence, Tuple
+from typing import List, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
