@@ -13,11 +13,8 @@ build with CUDA kernels.
 """
 from __future__ import annotations
 
-import itertools
-
 import pytest
 import torch
-import torch.nn.functional as F
 
 from contsup_fast import _native as nat
 from contsup_fast.fused import reference as ref
