@@ -30,6 +30,7 @@ __all__ = [
     "batch_norm_stats",
     "residual_context_ref",
     "image_context_tail_ref",
+    "image_context_ref",
     "bn_relu_gap_ref",
     "global_avg_pool_ref",
     "update_running_stats",
@@ -128,6 +129,40 @@ def image_context_tail_ref(
     mean, var = _stats(z, running_mean, running_var, training)
     out = h + _pool_to(_bn_relu(z, bn_weight, bn_bias, mean, var, eps, training), h.shape[-2:])
     return out, mean, var
+
+
+def image_context_ref(
+    h: Tensor,
+    u: Tensor,
+    weight: Tensor,
+    bias: Tensor,
+    bn_weight: Tensor,
+    bn_bias: Tensor,
+    running_mean: Tensor,
+    running_var: Tensor,
+    training: bool,
+    eps: float = 1e-5,
+) -> Tuple[Tensor, Tensor, Tensor]:
+    """Second half of the image context encoder E, from its hidden map to the boundary sum:
+    ``out = h + avgpool_s(relu(bn(conv3x3(u, weight, bias, padding=1))))``.
+
+    This is the contract of the fused image-context op, whose implementations never
+    materialise the full-resolution (N, C, s*H, s*W) convolution output (ContSup,
+    arXiv 2312.07636, Fig. 3, "E": Conv3x3 -> BN -> ReLU -> Conv3x3 -> BN -> ReLU -> pool).
+
+    Args:
+        h: (N, C, H, W) detached module output (no gradient).
+        u: (N, C_in, s*H, s*W) hidden map ``relu(bn1(conv1(x)))`` of E (receives gradient);
+            ``s`` a positive integer.
+        weight: (C, C_in, 3, 3) and ``bias`` (C,): the second convolution (receive gradient).
+        bn_weight, bn_bias, running_mean, running_var: E's last BatchNorm (C,).
+
+    Returns:
+        ``(out, mean, var)`` as in :func:`residual_context_ref`; ``mean``/``var`` are the
+        statistics of the convolution output over (N, s*H, s*W).
+    """
+    z = F.conv2d(u, weight, bias, padding=1)
+    return image_context_tail_ref(h, z, bn_weight, bn_bias, running_mean, running_var, training, eps)
 
 
 def bn_relu_gap_ref(
