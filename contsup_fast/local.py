@@ -262,6 +262,35 @@ class LocalSequential(nn.Module):
         w = self.reconstruct_weights
         return (w[0] * (1 - r) + w[2] * r) * recon + (w[1] * (1 - r) + w[3] * r) * loss
 
+    def module_step(self, m: LocalModule, h: Optional[Tensor], inputs: Dict[int, Tensor], x: Tensor,
+                    y: Optional[Tensor], scaler, train: bool, backend) -> Tuple[Tensor, Tensor, Optional[Tensor]]:
+        """One local module: its boundary context, its body, its local loss and (training) that
+        loss's backward. The single place a local module runs; :meth:`_run` and the
+        multi-process drivers (:mod:`contsup_fast.distributed`) call it in module order.
+
+        Args:
+            m: the local module j.
+            h: (N, C, H, W) detached output of module j-1 (None for j = 0).
+            inputs: ``i -> a_i`` detached inputs of earlier modules that m's R terms read.
+            x: (N, C_img, H_img, W_img) the normalised image (detached).
+            y: (N,) int64 labels, or None (no loss).
+            train: run the local backward (gradients accumulate into ``.grad``).
+
+        Returns:
+            ``(h_j, a_j, loss)``: module j's detached output, its detached input, and its
+            detached local loss (None without labels). Every activation of the module is
+            released when this returns.
+        """
+        a = x if m.index == 0 else (m.context(h, inputs, x, backend) if m.context is not None else h)
+        out = m.body(a)
+        loss = None
+        if y is not None:
+            loss = self._local_loss(m, out, y, x, backend)
+            if train:
+                (scaler.scale(loss) if scaler is not None else loss).backward()
+            loss = loss.detach()
+        return out.detach(), a.detach(), loss
+
     def _run(self, x: Tensor, y: Optional[Tensor], scaler, train: bool) -> LocalOutput:
         backend = self.backend_for(x.device)
         keep = self.spec.n  # how many module inputs a_i later boundaries still read
@@ -269,18 +298,13 @@ class LocalSequential(nn.Module):
         losses: List[Tensor] = []
         h: Optional[Tensor] = None
         for m in self.local_modules:
-            a = x if m.index == 0 else (m.context(h, inputs, x, backend) if m.context is not None else h)
-            out = m.body(a)
-            if y is not None:
-                loss = self._local_loss(m, out, y, x, backend)
-                if train:
-                    (scaler.scale(loss) if scaler is not None else loss).backward()
-                losses.append(loss.detach())
+            h, a, loss = self.module_step(m, h, inputs, x, y, scaler, train, backend)
+            if loss is not None:
+                losses.append(loss)
             if keep:
-                inputs[m.index] = a.detach()
+                inputs[m.index] = a
                 inputs.pop(m.index - keep, None)
-            h = out.detach()
-            del out, a
+            del a
         loss_vec = torch.stack(losses) if losses else torch.empty(0, device=x.device)
         return LocalOutput(logits=h, loss=loss_vec[-1] if losses else loss_vec, local_losses=loss_vec)
 
