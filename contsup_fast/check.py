@@ -378,14 +378,16 @@ def _timing_inputs(device: torch.device, dtype: torch.dtype, shape: Tuple[int, i
     return cases
 
 
-def _time_ops(backend, ops: Sequence[str], cases, dtype: torch.dtype, device: torch.device, reps: int) -> float:
+def _time_ops(backend, ops: Sequence[str], cases, dtype: torch.dtype, device: torch.device, reps: int,
+              warmup: bool = True) -> float:
     """Median seconds of forward + backward of ``ops`` (one call each) with ``backend``."""
     def once():
         for op in ops:
             case, args = cases[op]
             _run(_op_fn(backend, op), args, case.diff, 7, dtype, device)
 
-    once()  # warm-up: compilation, autotuning, handle creation
+    if warmup:
+        once()  # compilation, autotuning, handle creation
     times = []
     for _ in range(reps):
         if device.type == "cuda":
@@ -438,7 +440,7 @@ def run_checks(device: torch.device, backends: Sequence[str] = ("torch", "native
     cuda = device.type == "cuda"
     dtype = torch.bfloat16 if cuda else torch.float32
     shape = (256, 64, 16) if cuda else (16, 16, 8)
-    reps = 20 if cuda else 3
+    reps = 20 if cuda else 5
     cases = _timing_inputs(device, dtype, shape)
     eager, _ = _backend("torch", device)
     for r in reports:
@@ -446,7 +448,9 @@ def run_checks(device: torch.device, backends: Sequence[str] = ("torch", "native
             continue
         backend, _ = _backend(r.name, device)
         ops = [op for op in OPS if op not in r.skipped_ops and _REF[op] is not None]
-        r.seconds = _time_ops(backend, ops, cases, dtype, device, reps)
+        # Triton's interpreter runs every program in numpy (seconds per call): one run is enough
+        interpreted = r.name == "triton" and not cuda
+        r.seconds = _time_ops(backend, ops, cases, dtype, device, 1 if interpreted else reps, not interpreted)
         r.eager_seconds = r.seconds if r.name == "torch" else _time_ops(eager, ops, cases, dtype, device, reps)
     return reports
 
