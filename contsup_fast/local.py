@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .context import BoundaryContext, ContextSpec, parse_context
+from .cuda_graphs import GraphedLocalSteps, require_cuda_graphs_support
 from .fused import BACKENDS, resolve_backend
 from .heads import AUX_CONFIGS, AuxiliaryHead
 from .losses import LOSSES, ReconstructionDecoder, denormalize, supervised_contrastive_loss
@@ -105,11 +106,14 @@ class LocalSequential(nn.Module):
         input_size: (C, H, W) of one example (used once to measure shapes).
         image_mean, image_std: the input normalisation, used to de-normalise the image for
             the reconstruction loss.
+        cuda_graphs: capture each local module's training step (context, body, local loss,
+            backward) as a CUDA graph after two eager steps and replay it (fixed input shapes;
+            see :mod:`contsup_fast.cuda_graphs`). For small models where launch overhead dominates.
 
     Raises:
-        ValueError: bad K, context, n, aux, loss, split or backend (the message says what is
-            allowed); :class:`~contsup_fast.splitting.UnsplittableModelError` for a model
-            that cannot be traced or cut.
+        ValueError: bad K, context, n, aux, loss, split, backend or cuda_graphs (the message says
+            what is allowed); :class:`~contsup_fast.splitting.UnsplittableModelError` for a model
+            that cannot be traced or cut. RuntimeError: ``cuda_graphs=True`` without a CUDA GPU.
     """
 
     def __init__(self, model: nn.Module, K: int = 16, context: str = "RnE", n: Optional[int] = None,
@@ -117,8 +121,13 @@ class LocalSequential(nn.Module):
                  reconstruct_weights: Optional[Sequence[float]] = None,
                  split: Union[None, str, Sequence[Union[int, str]]] = None, backend: str = "auto",
                  feature_dim: int = 128, input_size: Sequence[int] = (3, 32, 32),
-                 image_mean: Sequence[float] = CIFAR10_MEAN, image_std: Sequence[float] = CIFAR10_STD):
+                 image_mean: Sequence[float] = CIFAR10_MEAN, image_std: Sequence[float] = CIFAR10_STD,
+                 cuda_graphs: bool = False):
         super().__init__()
+        if not isinstance(cuda_graphs, bool):
+            raise ValueError(f"cuda_graphs must be True or False, got {cuda_graphs!r}")
+        if cuda_graphs:
+            require_cuda_graphs_support()
         if not isinstance(model, nn.Module):
             raise ValueError(f"model must be an nn.Module, got {type(model).__name__}")
         self.spec: ContextSpec = parse_context(context, n)
@@ -144,6 +153,7 @@ class LocalSequential(nn.Module):
         self.local_modules = nn.ModuleList(self._build_modules(plan, feature_dim, reconstruct))
         device = next(self.parameters()).device
         self._backends: Dict[torch.device, object] = {device: resolve_backend(backend, device)}
+        self._graphed = GraphedLocalSteps(self) if cuda_graphs else None
 
     # ------------------------------------------------------------------ construction
     def _reconstruct_weights(self, model, reconstruct, weights) -> Optional[Tuple[float, ...]]:
@@ -293,6 +303,8 @@ class LocalSequential(nn.Module):
 
     def _run(self, x: Tensor, y: Optional[Tensor], scaler, train: bool) -> LocalOutput:
         backend = self.backend_for(x.device)
+        if train and self._graphed is not None:
+            return self._graphed(x, y, scaler, backend)
         keep = self.spec.n  # how many module inputs a_i later boundaries still read
         inputs: Dict[int, Tensor] = {}
         losses: List[Tensor] = []
