@@ -99,6 +99,8 @@ def _phase_note(res: Path, phase: Dict[str, str]) -> str:
     log = res / phase["log"] if phase["log"] and phase["log"] != "-" else None
     text = log.read_text(errors="replace") if log and log.is_file() else ""
     name = phase["phase"]
+    if phase["status"] == "skipped":
+        return _tail_match(text, r"^(skipped: .*)$") or "skipped"
     if name == "check":
         verdicts = [line.split(":")[0].split("(")[0].strip() for line in text.splitlines()
                     if re.match(r"^(torch|native|triton)\s", line)]
