@@ -50,7 +50,7 @@
 #   finish its epochs, resize EPOCHS (env GPUVAL_EPOCHS) from s_per_epoch in the summary.
 # ---------------------------------------------------------------------------------------------
 # Options: --dry-run, --out DIR (default $OUT, else ./gpuval-out), --epochs N (default
-# $GPUVAL_EPOCHS or 4), --total SECONDS (default $GPUVAL_TOTAL or 540; dry run 400).
+# $GPUVAL_EPOCHS or 4), --total SECONDS (default $GPUVAL_TOTAL or 540; dry run 500).
 # Dry run: toy CIFAR-layout data, ResNet-20 and K=4 for two rows (E2E, R1E supcon), CPU.
 # Environment: PYTHON (default python3), CUDA_HOME (default /usr/local/cuda), GPUVAL_CARRY
 # (default ./.gpuval: the carried folder holding cifar10/ and ContSup/).
@@ -74,7 +74,7 @@ while [ $# -gt 0 ]; do
   shift
 done
 case "$EPOCHS" in ''|*[!0-9]*|0) echo "gpu-validate.sh: --epochs must be a positive integer, got '$EPOCHS'" >&2; exit 2 ;; esac
-[ -n "$TOTAL" ] || TOTAL=$([ $DRY = 1 ] && echo 400 || echo 540)
+[ -n "$TOTAL" ] || TOTAL=$([ $DRY = 1 ] && echo 500 || echo 540)
 [ -n "$OUTDIR" ] || OUTDIR=$ROOT/gpuval-out
 PY=${PYTHON:-python3}
 export PYTHONUNBUFFERED=1
@@ -90,7 +90,7 @@ DATA=$WORK/cifar10
 CARRY=${GPUVAL_CARRY:-$ROOT/.gpuval}  # the carried folder: cifar10/ pack, ContSup/ reference
 # nominal budgets in seconds (phases after the accuracy runs get what is left of TOTAL)
 if [ $DRY = 1 ]; then
-  B_DATA=30 B_BUILD=0 B_ACC=120 B_CHECK=90 B_TESTS=90 B_MEM=0 B_RACE=0 B_SAN=90 B_STEP=90 B_REF=60 B_KER=60
+  B_DATA=30 B_BUILD=0 B_ACC=150 B_CHECK=120 B_TESTS=120 B_MEM=0 B_RACE=0 B_SAN=120 B_STEP=150 B_REF=60 B_KER=60
 else
   B_DATA=90 B_BUILD=200 B_ACC=230 B_CHECK=90 B_TESTS=220 B_MEM=110 B_RACE=110 B_SAN=0 B_STEP=120 B_REF=45 B_KER=60
 fi

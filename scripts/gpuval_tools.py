@@ -102,7 +102,7 @@ def _phase_note(res: Path, phase: Dict[str, str]) -> str:
     if phase["status"] == "skipped":
         return _tail_match(text, r"^(skipped: .*)$") or "skipped"
     if name == "check":
-        verdicts = [line.split(":")[0].split("(")[0].strip() for line in text.splitlines()
+        verdicts = [" ".join(line.split(":")[0].split("(")[0].split()) for line in text.splitlines()
                     if re.match(r"^(torch|native|triton)\s", line)]
         return "; ".join(verdicts)
     if name == "gpu-tests":
