@@ -122,11 +122,17 @@ def _accuracy_rows(res: Path) -> List[Dict[str, object]]:
         hist = data.get("history") or data.get("epochs") or []
         last = hist[-1] if hist else {}
         times = [h.get("train_time_s") for h in hist if h.get("train_time_s") is not None]
-        rows.append({"row": log.parent.name, "epochs_done": len(hist),
+        rows.append({"row": log.parent.name, "epochs_done": len(hist), "_hist": hist,
                      "epochs": (data.get("final") or {}).get("epochs") or data.get("args", {}).get("epochs"),
                      "test_acc": last.get("test_acc"), "peak_mem_MiB": last.get("peak_mem_mib"),
                      "s_per_epoch": (sum(times) / len(times)) if times else None,
                      "img_s": last.get("images_per_s")})
+    # rows stopped by the time budget: compare every row at the last epoch all of them finished
+    common = min((r["epochs_done"] for r in rows), default=0)
+    for r in rows:
+        hist = r.pop("_hist")
+        r["common_epoch"] = common or None
+        r["acc_at_common"] = hist[common - 1].get("test_acc") if common else None
     return rows
 
 
@@ -166,7 +172,8 @@ def summary(res: Path) -> str:
     out = ["== phases", _table(phases, ["phase", "status", "seconds", "budget", "note"])]
     if acc:
         out += ["", "== accuracy (CIFAR-10 JPEG-lossy copy: not official numbers)",
-                _table(acc, ["row", "epochs_done", "epochs", "test_acc", "peak_mem_MiB", "s_per_epoch", "img_s"])]
+                _table(acc, ["row", "epochs_done", "epochs", "test_acc", "common_epoch", "acc_at_common",
+                             "peak_mem_MiB", "s_per_epoch", "img_s"])]
     if steps:
         out += ["", "== train step (vs E2E eager of the same model)",
                 _table(steps, ["model", "method", "K", "context", "backend", "img_s", "mem_MiB",

@@ -81,7 +81,7 @@ def test_summary_reads_phases_accuracy_and_bench_json(tmp_path):
     text = tools.summary(res)
     assert "skipped: no GPU (dry run)" in text and "2 failed, 40 passed" in text
     row = [line for line in text.splitlines() if line.startswith("R0_K16")][0].split()
-    assert row[1:4] == ["2", "3", "55.5"] and row[5] == "31"
+    assert row[1:6] == ["2", "3", "55.5", "2", "55.5"] and row[7] == "31"
     assert "E2E eager" in text
     assert (res / "summary.txt").read_text().strip() == text.strip()
     assert json.loads((res / "summary.json").read_text())["phases"][1]["status"] == "failed(rc=1)"
