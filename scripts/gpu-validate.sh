@@ -142,7 +142,11 @@ phase() {
 # ------------------------------------------------------------------------------ environment
 {
   echo "gpu-validate.sh $([ $DRY = 1 ] && echo --dry-run) at $(date -u +%FT%TZ) on $(hostname), $(nproc) cores"
-  echo "commit: $(git -C "$ROOT" rev-parse HEAD 2>/dev/null || echo unknown), $(git -C "$ROOT" status --porcelain 2>/dev/null | wc -l) changed files"
+  if git -C "$ROOT" rev-parse HEAD >/dev/null 2>&1; then
+    echo "commit: $(git -C "$ROOT" rev-parse HEAD), $(git -C "$ROOT" status --porcelain | wc -l) changed files"
+  else
+    echo "commit (recorded by gpuval-prepare.sh): $(cat "$CARRY/commit.txt" 2>/dev/null || echo unknown)"
+  fi
   command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm,clocks.mem --format=csv
   command -v nvcc >/dev/null && nvcc --version | tail -1
   command -v compute-sanitizer >/dev/null && compute-sanitizer --version | tail -1

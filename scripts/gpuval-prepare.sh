@@ -26,4 +26,6 @@ echo "reference: $(git --git-dir="$REF" rev-parse HEAD) networks_dev/ -> .gpuval
 cp "$PACK"/cifar10_jpeg.npz "$PACK"/unpack.py .gpuval/cifar10/
 cp "$PACK"/SHA256SUMS "$PACK"/README.md .gpuval/cifar10/ 2>/dev/null || true
 echo "CIFAR-10 pack: $PACK -> .gpuval/cifar10"
+# the tree travels without .git: record what is being validated
+echo "$(git rev-parse HEAD) with $(git status --porcelain | grep -vc '^??') modified tracked files ($(date -u +%FT%TZ))" > .gpuval/commit.txt
 "$PY" scripts/gpuval_tools.py travel-size --carry .gpuval
