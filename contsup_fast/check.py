@@ -250,15 +250,18 @@ def _materialise(case: _Case, dtype: torch.dtype, device: torch.device, channels
     return out
 
 
-def _run(fn: Callable, args: list, diff, grad_seed: int, dtype: torch.dtype, device: torch.device):
-    """Forward under autocast for half dtypes, then backward of a fixed random grad_out.
+def _run(fn: Callable, args: list, diff, grad_seed: int, dtype: torch.dtype, device: torch.device,
+         grad_out: Optional[Tensor] = None):
+    """Forward under autocast for half dtypes, then backward of ``grad_out`` (default: a
+    random one drawn from ``grad_seed``, the same for every implementation).
     Returns (outputs as a flat list of tensors, gradients of the ``diff`` inputs)."""
     with torch.autocast(device.type, dtype=dtype, enabled=dtype not in (torch.float32, torch.float64)):
         res = fn(*args)
     outs = [res] if isinstance(res, Tensor) else [t for x in res for t in (x if isinstance(x, (list, tuple)) else [x])]
     main = outs[0]
-    g = torch.Generator().manual_seed(grad_seed)
-    grad_out = torch.randn(main.shape, generator=g, dtype=torch.float64).to(device, main.dtype)
+    if grad_out is None:
+        g = torch.Generator().manual_seed(grad_seed)
+        grad_out = torch.randn(main.shape, generator=g, dtype=torch.float64).to(device, main.dtype)
     leaves = [_get(args, w) for w in diff]
     grads = torch.autograd.grad(main, leaves, grad_out, allow_unused=True)
     return [o.detach() for o in outs], [None if gr is None else gr.detach() for gr in grads]
@@ -370,34 +373,41 @@ def _op_fn(backend, op: str) -> Optional[Callable]:
 
 
 def _timing_inputs(device: torch.device, dtype: torch.dtype, shape: Tuple[int, int, int]):
+    """Per op: (case, inputs on ``device``, grad_out on ``device``), made once, outside any timing."""
     cases = {}
     g = torch.Generator().manual_seed(123)
     for op in OPS:
         case = _make_case(op, *shape, g)
-        cases[op] = (case, _materialise(case, dtype, device, device.type == "cuda"))
+        args = _materialise(case, dtype, device, device.type == "cuda")
+        out, _ = _run(_REF[op], args, case.diff, 7, dtype, device) if _REF[op] is not None else ([None], None)
+        grad_out = None if out[0] is None else torch.randn_like(out[0])
+        cases[op] = (case, args, grad_out)
     return cases
 
 
-def _time_ops(backend, ops: Sequence[str], cases, dtype: torch.dtype, device: torch.device, reps: int,
-              warmup: bool = True) -> float:
-    """Median seconds of forward + backward of ``ops`` (one call each) with ``backend``."""
-    def once():
+def _time_ops(backends: Sequence, ops: Sequence[str], cases, dtype: torch.dtype, device: torch.device,
+              reps: int, warmup: bool = True) -> List[float]:
+    """Median seconds of forward + backward of ``ops`` (one call each) for each of ``backends``,
+    timed in alternation (so a busy machine slows all of them alike)."""
+    def once(backend):
         for op in ops:
-            case, args = cases[op]
-            _run(_op_fn(backend, op), args, case.diff, 7, dtype, device)
+            case, args, grad_out = cases[op]
+            _run(_op_fn(backend, op), args, case.diff, 7, dtype, device, grad_out)
 
     if warmup:
-        once()  # compilation, autotuning, handle creation
-    times = []
+        for b in backends:
+            once(b)  # compilation, autotuning, handle creation
+    times: List[List[float]] = [[] for _ in backends]
     for _ in range(reps):
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        t0 = time.perf_counter()
-        once()
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+        for i, b in enumerate(backends):
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            t0 = time.perf_counter()
+            once(b)
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            times[i].append(time.perf_counter() - t0)
+    return [statistics.median(t) for t in times]
 
 
 def check_backend(name: str, device: torch.device, dtypes: Sequence[torch.dtype] = (torch.float32, torch.bfloat16),
@@ -450,8 +460,11 @@ def run_checks(device: torch.device, backends: Sequence[str] = ("torch", "native
         ops = [op for op in OPS if op not in r.skipped_ops and _REF[op] is not None]
         # Triton's interpreter runs every program in numpy (seconds per call): one run is enough
         interpreted = r.name == "triton" and not cuda
-        r.seconds = _time_ops(backend, ops, cases, dtype, device, 1 if interpreted else reps, not interpreted)
-        r.eager_seconds = r.seconds if r.name == "torch" else _time_ops(eager, ops, cases, dtype, device, reps)
+        if r.name == "torch":
+            r.seconds = r.eager_seconds = _time_ops([eager], ops, cases, dtype, device, reps)[0]
+        else:
+            r.seconds, r.eager_seconds = _time_ops([backend, eager], ops, cases, dtype, device,
+                                                   1 if interpreted else reps, not interpreted)
     return reports
 
 
