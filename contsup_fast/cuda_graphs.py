@@ -103,20 +103,26 @@ class GraphedLocalSteps:
     Args:
         local: the wrapped model (its ``module_step`` is what is captured).
         warmup: eager training calls before the capture (at least 1).
+        runtime: the object providing ``CUDAGraph``, ``graph``, ``Stream``, ``stream``,
+            ``current_stream`` and ``synchronize`` (default ``torch.cuda``; the tests pass an
+            emulation that records and replays the captured aten ops on CPU).
+        device_type: the device type the inputs must have (default ``"cuda"``).
 
     Call it as ``steps(x, y, scaler, backend)`` in place of an eager training pass; it returns
     the same :class:`~contsup_fast.local.LocalOutput` (``logits`` cloned out of the static
     buffer; ``local_losses`` stacked from the static losses).
     """
 
-    def __init__(self, local: nn.Module, warmup: int = 2):
+    def __init__(self, local: nn.Module, warmup: int = 2, runtime=None, device_type: str = "cuda"):
         if warmup < 1:
             raise ValueError(f"warmup must be >= 1 eager step before capture, got {warmup}")
+        self.rt = torch.cuda if runtime is None else runtime
+        self.device_type = device_type
         self.local = local
         self.warmup = warmup
         self.calls = 0
         self.signature: Optional[StepSignature] = None
-        self.graphs: List[torch.cuda.CUDAGraph] = []
+        self.graphs: list = []
         self.static_x: Optional[Tensor] = None
         self.static_y: Optional[Tensor] = None
         self.static_logits: Optional[Tensor] = None
@@ -125,8 +131,7 @@ class GraphedLocalSteps:
         self.static_grads: List[List[Tensor]] = []
 
     # ------------------------------------------------------------------ the module loop
-    def _loop(self, x: Tensor, y: Tensor, backend, graphs: Optional[List[torch.cuda.CUDAGraph]] = None,
-              pool=None):
+    def _loop(self, x: Tensor, y: Tensor, backend, graphs: Optional[list] = None, pool=None):
         """Run (or, with ``graphs``, capture) every module's step in order, as ``_run`` does."""
         local = self.local
         keep = local.spec.n
@@ -137,9 +142,9 @@ class GraphedLocalSteps:
             if graphs is None:
                 h, a, loss = local.module_step(m, h, inputs, x, y, None, True, backend)
             else:
-                g = torch.cuda.CUDAGraph()
+                g = self.rt.CUDAGraph()
                 bind_static_grads(self.grad_params[m.index], self.static_grads[m.index])
-                with torch.cuda.graph(g, pool=pool):
+                with self.rt.graph(g, pool=pool):
                     h, a, loss = local.module_step(m, h, inputs, x, y, None, True, backend)
                 pool = g.pool() if pool is None else pool
                 graphs.append(g)
@@ -160,15 +165,15 @@ class GraphedLocalSteps:
                 if p.requires_grad:
                     handles.append(p.register_post_accumulate_grad_hook(
                         lambda p, j=m.index: got.setdefault(j, set()).add(id(p))))
-        side = torch.cuda.Stream(x.device)
-        side.wait_stream(torch.cuda.current_stream(x.device))
+        side = self.rt.Stream(x.device)
+        side.wait_stream(self.rt.current_stream(x.device))
         try:
-            with torch.cuda.stream(side):
+            with self.rt.stream(side):
                 logits, losses = self._loop(x, y, backend)
         finally:
             for hd in handles:
                 hd.remove()
-        torch.cuda.current_stream(x.device).wait_stream(side)
+        self.rt.current_stream(x.device).wait_stream(side)
         ids = [got.get(m.index, set()) for m in self.local.local_modules]
         new = [[p for p in m.parameters() if id(p) in ids[m.index]] for m in self.local.local_modules]
         if self.grad_params and [len(a) for a in new] != [len(a) for a in self.grad_params]:
@@ -182,8 +187,8 @@ class GraphedLocalSteps:
         self.static_y = y.detach().clone()
         self.static_grads = [[torch.zeros_like(p, memory_format=torch.preserve_format) for p in ps]
                              for ps in self.grad_params]
-        torch.cuda.synchronize(x.device)
-        graphs: List[torch.cuda.CUDAGraph] = []
+        self.rt.synchronize(x.device)
+        graphs: list = []
         try:
             self.static_logits, self.static_losses = self._loop(self.static_x, self.static_y, backend, graphs)
         except RuntimeError as exc:
@@ -199,7 +204,7 @@ class GraphedLocalSteps:
         if scaler is not None:
             raise ValueError("cuda_graphs=True does not support a GradScaler (its scale and inf checks "
                              "change per step); train in bf16 autocast or fp32, or use cuda_graphs=False")
-        if x.device.type != "cuda":
+        if x.device.type != self.device_type:
             raise RuntimeError(f"cuda_graphs=True needs CUDA tensors, x is on {x.device}; move the model "
                                "and the batch to a GPU or use cuda_graphs=False")
         sig = StepSignature.of(x, y)

@@ -1,8 +1,11 @@
 """LocalSequential(cuda_graphs=True): refusals (CPU) and equality with the eager path (GPU)."""
+import contextlib
 import dataclasses
 
 import pytest
 import torch
+from torch.utils import _pytree as pytree
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from contsup_fast import LocalSequential
 from contsup_fast.cuda_graphs import GraphedLocalSteps, StepSignature, bind_static_grads
@@ -67,6 +70,111 @@ def test_bind_static_grads_keeps_backward_semantics():
 def test_warmup_must_be_positive():
     with pytest.raises(ValueError, match="warmup must be >= 1"):
         GraphedLocalSteps(object(), warmup=0)
+
+
+# ---------------------------------------------------------------------------------------------
+# A CPU emulation of CUDA graphs, to test GraphedLocalSteps' data flow without a GPU: capture
+# records every aten op (forward, backward, gradient accumulation, BatchNorm buffer updates) with
+# its tensor objects, then undoes the in-place writes it made (a real capture runs nothing);
+# replay re-runs the ops on the same tensors, writing each result into the recorded output, as a
+# graph replays the same kernels on the same addresses.
+class _Recorder(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.ops, self.saved = [], {}
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        # every input as first seen (schemas do not mark every write: native_batch_norm updates
+        # its running statistics in place without an (a!) annotation)
+        for t in pytree.tree_leaves((args, kwargs)):
+            if isinstance(t, torch.Tensor) and id(t) not in self.saved and 0 not in t.stride():
+                self.saved[id(t)] = (t, t.detach().clone())  # (expanded tensors cannot be written)
+        out = func(*args, **kwargs)
+        self.ops.append((func, args, kwargs, out))
+        return out
+
+
+class _FakeGraph:
+    def __init__(self):
+        self.ops = []
+
+    def pool(self):
+        return id(self)
+
+    @torch.no_grad()
+    def replay(self):
+        plain = lambda t: t.detach() if isinstance(t, torch.Tensor) else t  # noqa: E731
+        for func, args, kwargs, out in self.ops:
+            args, kwargs = pytree.tree_map(plain, (args, kwargs))
+            inputs = {t.untyped_storage().data_ptr() for t in pytree.tree_leaves((args, kwargs))
+                      if isinstance(t, torch.Tensor)}
+            new = func(*args, **kwargs)
+            for o, n in zip(pytree.tree_leaves(out), pytree.tree_leaves(new)):
+                if isinstance(o, torch.Tensor) and o.untyped_storage().data_ptr() not in inputs:
+                    o.detach().copy_(n)
+
+
+class _NullStream:
+    def wait_stream(self, other):
+        pass
+
+
+class _FakeCuda:
+    CUDAGraph = _FakeGraph
+
+    @staticmethod
+    @contextlib.contextmanager
+    def graph(g, pool=None):
+        rec = _Recorder()
+        with rec:
+            yield
+        g.ops = rec.ops
+        with torch.no_grad():
+            for t, before in rec.saved.values():
+                t.detach().copy_(before)
+
+    Stream = staticmethod(lambda device=None: _NullStream())
+    current_stream = staticmethod(lambda device=None: _NullStream())
+    stream = staticmethod(lambda s: contextlib.nullcontext())
+    synchronize = staticmethod(lambda device=None: None)
+
+
+def _emulated(local):
+    local._graphed = GraphedLocalSteps(local, runtime=_FakeCuda, device_type="cpu")
+    return local
+
+
+def _small_cnn():
+    def block(cin, cout, stride=1):
+        return torch.nn.Sequential(torch.nn.Conv2d(cin, cout, 3, stride, 1, bias=False),
+                                   torch.nn.BatchNorm2d(cout), torch.nn.ReLU())
+    return torch.nn.Sequential(block(3, 8), block(8, 8), block(8, 16, 2), block(16, 16),
+                               torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(16, 10))
+
+
+@pytest.mark.parametrize("context,aux", [("R2E", "1c2f"), ("R1", "0c1f")])
+def test_graphed_data_flow_matches_eager_under_a_cpu_emulation_of_graphs(monkeypatch, context, aux):
+    kw = dict(K=4, context=context, aux=aux, backend="torch", input_size=(3, 16, 16))
+    torch.manual_seed(0)
+    eager = LocalSequential(_small_cnn(), **kw)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    graphed = _emulated(LocalSequential(_small_cnn(), cuda_graphs=True, **kw))
+    graphed.load_state_dict(eager.state_dict())
+    batches = [tuple(t[..., :16, :16].contiguous() if t.dim() == 4 else t for t in _batch(4, s)) for s in range(5)]
+    a, b = _train(eager, 5, batches), _train(graphed, 5, batches)   # 2 eager, capture, 2 replays
+    assert len(graphed._graphed.graphs) == 4 and graphed._graphed.calls == 5
+    for oa, ob in zip(a, b):
+        torch.testing.assert_close(ob.local_losses, oa.local_losses, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(ob.logits, oa.logits, rtol=1e-5, atol=1e-6)
+    for (k, u), (_, v) in zip(eager.state_dict().items(), graphed.state_dict().items()):
+        torch.testing.assert_close(v, u, rtol=1e-5, atol=1e-6, msg=k)
+    # gradients accumulate like loss.backward() when the user does not zero them
+    g_eager = [p.grad.clone() for p in eager.parameters() if p.grad is not None]
+    eager(*batches[0]), graphed(*batches[0])
+    g_both = [p.grad for p in graphed.parameters() if p.grad is not None]
+    for ge, gb, p in zip(g_eager, g_both, [p for p in eager.parameters() if p.grad is not None]):
+        torch.testing.assert_close(gb, p.grad, rtol=1e-5, atol=1e-6)
 
 
 def _train(local, steps, batches, lr=0.1):
