@@ -29,7 +29,6 @@ in Triton's interpreter, which must be chosen before Triton is imported: set
 from __future__ import annotations
 
 import argparse
-import glob
 import os
 import platform
 import statistics
