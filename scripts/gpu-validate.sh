@@ -14,9 +14,9 @@
 #                seed and recipe, --amp bf16 --channels-last, the same EPOCHS for every row,
 #                all rows at once; about 4 minutes
 #   4. gpu-tests pytest -m cuda in parallel processes (pytest-xdist), while 3 runs
-#   5. memcheck, racecheck   compute-sanitizer over scripts/gpuval_sanitize_step.py (one
-#                training step through every native CUDA op; contiguous and channels_last;
-#                fp32/bf16/fp16), while 3 runs
+#   5. memcheck, racecheck   compute-sanitizer over scripts/gpuval_sanitize_step.py (every
+#                native CUDA op directly, and memcheck also over LocalSequential training steps
+#                through them; contiguous and channels_last; fp32/bf16/fp16), while 3 runs
 #   6. train-step  python -m bench.train_step: resnet32 and resnet110, K=16, R0 and R1E, every
 #                backend, against E2E eager, torch.compile and checkpointing (GPU to itself)
 #   7. reference   the same configurations through the reference ContSup code
@@ -92,7 +92,7 @@ CARRY=${GPUVAL_CARRY:-$ROOT/.gpuval}  # the carried folder: cifar10/ pack, ContS
 if [ $DRY = 1 ]; then
   B_DATA=30 B_BUILD=0 B_ACC=150 B_CHECK=120 B_TESTS=120 B_MEM=0 B_RACE=0 B_SAN=120 B_STEP=150 B_REF=60 B_KER=60
 else
-  B_DATA=90 B_BUILD=200 B_ACC=230 B_CHECK=90 B_TESTS=220 B_MEM=110 B_RACE=110 B_SAN=0 B_STEP=120 B_REF=45 B_KER=60
+  B_DATA=90 B_BUILD=200 B_ACC=230 B_CHECK=90 B_TESTS=220 B_MEM=140 B_RACE=100 B_SAN=0 B_STEP=120 B_REF=45 B_KER=60
 fi
 B_PACK=10
 POST=$((B_STEP + B_REF + B_KER + B_PACK))  # kept free after the accuracy phase
@@ -247,7 +247,9 @@ gpu_tests() {
 sanitize() {
   local tool=$1 cs
   cs=$(command -v compute-sanitizer || echo "${CUDA_HOME:-/usr/local/cuda}/bin/compute-sanitizer")
-  "$cs" --tool "$tool" --error-exitcode 3 --print-limit 30 "$PY" scripts/gpuval_sanitize_step.py
+  shift
+  "$cs" --version | tail -1
+  "$cs" --tool "$tool" --error-exitcode 3 --print-limit 30 "$PY" scripts/gpuval_sanitize_step.py "$@"
 }
 export -f gpu_tests sanitize
 if [ $DRY = 1 ]; then
@@ -263,8 +265,8 @@ else
   P_CHECK=$!
   (phase gpu-tests "$(fit $B_TESTS $ALONG)" gpu_tests) &
   P_TESTS=$!
-  (phase memcheck "$(fit $B_MEM $((ALONG + 60)))" sanitize memcheck
-   phase racecheck "$(fit $B_RACE $ALONG)" sanitize racecheck) &
+  (phase memcheck "$(fit $B_MEM $((ALONG + 70)))" sanitize memcheck
+   phase racecheck "$(fit $B_RACE $ALONG)" sanitize racecheck --ops-only) &
   P_SAN=$!
 fi
 wait $P_CHECK $P_TESTS $P_SAN

@@ -1,7 +1,7 @@
 """One training step through every native boundary op, small enough for compute-sanitizer.
 
     compute-sanitizer --tool memcheck  python scripts/gpuval_sanitize_step.py
-    compute-sanitizer --tool racecheck python scripts/gpuval_sanitize_step.py
+    compute-sanitizer --tool racecheck python scripts/gpuval_sanitize_step.py --ops-only
     python scripts/gpuval_sanitize_step.py --device cpu      # the same calls on the CPU kernels
 
 For every activation dtype (fp32, bf16, fp16) and memory format (contiguous, channels_last):
@@ -21,12 +21,14 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 import torch
 
-from contsup_fast import LocalSequential
-from contsup_fast.fused import resolve_backend
-from torch import nn
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the checkout this script sits in
+from contsup_fast import LocalSequential  # noqa: E402
+from contsup_fast.fused import resolve_backend  # noqa: E402
+from torch import nn  # noqa: E402
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -118,6 +120,9 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtypes", nargs="+", default=list(DTYPES), choices=list(DTYPES))
+    p.add_argument("--ops-only", action="store_true",
+                   help="only the direct op calls, no LocalSequential step (racecheck: the native "
+                        "kernels' shared memory, without cuDNN's convolutions)")
     args = p.parse_args(argv)
     device = torch.device(args.device)
     try:
@@ -131,7 +136,8 @@ def main(argv=None) -> int:
             label = f"{name} {'channels_last' if cl else 'contiguous'}"
             try:
                 direct_ops(backend, device, DTYPES[name], cl)
-                training_steps(device, DTYPES[name], cl)
+                if not args.ops_only:
+                    training_steps(device, DTYPES[name], cl)
                 if device.type == "cuda":
                     torch.cuda.synchronize(device)
             except Exception as exc:  # any failure fails the run, with its configuration
