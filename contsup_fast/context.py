@@ -13,6 +13,13 @@ where ``h_j`` is module j's output, ``x = a_0`` the normalised image and ``a_i``
 * ``RnE``: ``E`` plus the ``Rn`` terms without ``a_0`` (the image only goes through E).
 
 The encoders belong to module j+1 and are trained by its local loss.
+
+Context gate (an option of this library, not of the paper; see :data:`GATES`): every term
+``T`` may be scaled, ``a_{j+1} = h_j.detach() + sum_t g_t * T_t``. ``g = 1`` is the paper's
+form. Since every term ends in BN -> ReLU and ``g * relu(bn(z)) = relu(bn_{g*gamma, g*beta}(z))``
+for ``g >= 0``, the scale is applied by passing ``g * gamma`` and ``g * beta`` to the boundary
+ops: every backend (eager, Triton, C++/CUDA) supports it, and autograd gives ``g`` and
+``gamma, beta`` their exact gradients, with no kernel change.
 """
 from __future__ import annotations
 
@@ -26,7 +33,36 @@ from torch import Tensor, nn
 
 from .fused.reference import batch_norm_stats, update_running_stats
 
-__all__ = ["ContextSpec", "parse_context", "ImageEncoder", "ResidualEncoder", "BoundaryContext"]
+__all__ = ["ContextSpec", "parse_context", "ImageEncoder", "ResidualEncoder", "BoundaryContext",
+           "GATES", "check_gate"]
+
+#: context gates: None (the paper's form, g = 1), "ramp" (g = min(1, t / T) over the first T
+#: training steps, no parameters), "learned" (one learnable scalar per term, g = |theta|,
+#: theta initialised at ``gate_init``)
+GATES = (None, "ramp", "learned")
+
+
+def check_gate(gate, gate_steps, gate_init) -> None:
+    """Validate the context-gate options of :class:`~contsup_fast.LocalSequential`.
+
+    Raises:
+        ValueError: ``gate`` not in :data:`GATES`; ``gate="ramp"`` without an integer
+            ``gate_steps >= 1``; ``gate="learned"`` with a ``gate_init`` that is not a
+            positive finite number (|theta| has no gradient at 0).
+    """
+    if gate not in GATES:
+        raise ValueError(f"context_gate must be one of {GATES}, got {gate!r}")
+    if gate == "ramp" and (not isinstance(gate_steps, int) or isinstance(gate_steps, bool) or gate_steps < 1):
+        raise ValueError(f"context_gate='ramp' needs context_gate_steps, an integer >= 1 (the "
+                         f"training steps over which the gate rises from 0 to 1), got {gate_steps!r}")
+    if gate == "learned":
+        try:
+            ok = float(gate_init) > 0 and float(gate_init) != float("inf")
+        except (TypeError, ValueError):
+            ok = False
+        if not ok:
+            raise ValueError(f"context_gate_init must be a positive finite number (the initial "
+                             f"learned gate), got {gate_init!r}")
 
 
 @dataclass(frozen=True)
@@ -143,20 +179,21 @@ class _ImageContextRecompute(torch.autograd.Function):
             else:
                 t1 = enc.bn1(t1)
             z = enc.conv2(F.relu(t1))
-            out, mean, var = tail(h, z, enc.bn2.weight, enc.bn2.bias, enc.bn2.running_mean,
+            gamma2, beta2 = params[6], params[7]  # E's last BN affine (gate-scaled, if gated)
+            out, mean, var = tail(h, z, gamma2, beta2, enc.bn2.running_mean,
                                   enc.bn2.running_var, enc.bn2.training, enc.bn2.eps)
         update_running_stats(enc.bn2, mean, var, z.shape[0] * z.shape[2] * z.shape[3])
         device_type = x.device.type
         ctx.autocast = (device_type, torch.is_autocast_enabled(device_type),
                         torch.get_autocast_dtype(device_type))
-        ctx.save_for_backward(x, mean, var)
+        ctx.save_for_backward(x, mean, var, gamma2, beta2)
         ctx.enc, ctx.tail_backward = enc, tail_backward
         ctx.training = enc.bn1.training
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
-        x, mean, var = ctx.saved_tensors
+        x, mean, var, gamma2, beta2 = ctx.saved_tensors
         enc = ctx.enc
         params = [enc.conv1.weight, enc.conv1.bias, enc.bn1.weight, enc.bn1.bias,
                   enc.conv2.weight, enc.conv2.bias]
@@ -170,7 +207,7 @@ class _ImageContextRecompute(torch.autograd.Function):
                 u = F.relu(F.batch_norm(t1, enc.bn1.running_mean, enc.bn1.running_var, ps[2], ps[3],
                                         False, 0.0, enc.bn1.eps))
             z = F.conv2d(u, ps[4], ps[5], padding=1)
-        grad_z, g_gamma, g_beta = ctx.tail_backward(grad_out, z.detach(), enc.bn2.weight, enc.bn2.bias,
+        grad_z, g_gamma, g_beta = ctx.tail_backward(grad_out, z.detach(), gamma2, beta2,
                                                     mean, var, ctx.training, enc.bn2.eps)
         grads = torch.autograd.grad(z, ps, grad_z)
         return (grad_out, None, None, None, None, *grads, g_gamma, g_beta)
@@ -198,10 +235,30 @@ class BoundaryContext(nn.Module):
     """
 
     def __init__(self, target_channels: int, image_channels: Optional[int],
-                 residual: Sequence[Tuple[int, int]]):
+                 residual: Sequence[Tuple[int, int]], gate: Optional[str] = None,
+                 gate_init: float = 0.1):
         super().__init__()
+        if gate not in GATES:
+            raise ValueError(f"gate must be one of {GATES}, got {gate!r}")
         self.image = ImageEncoder(image_channels, target_channels) if image_channels else None
         self.residual = nn.ModuleList(ResidualEncoder(c, target_channels, i) for i, c in residual)
+        self.gate_mode = gate
+        if gate == "ramp":  # g in [0, 1], set by LocalSequential from its step count
+            self.register_buffer("ramp", torch.ones(()), persistent=False)
+        n_terms = (self.image is not None) + len(self.residual)
+        # one learnable scalar per term, E first then the R terms in order
+        self.gate = nn.Parameter(torch.full((n_terms,), float(gate_init))) if gate == "learned" else None
+
+    def scales(self) -> List[Optional[Tensor]]:
+        """The scale of each term (E first, then R terms): None for the paper's form (g = 1),
+        else a 0-dim tensor or float ``g >= 0``."""
+        n_terms = (self.image is not None) + len(self.residual)
+        if self.gate_mode == "learned":
+            g = self.gate.abs()
+            return [g[t] for t in range(n_terms)]
+        if self.gate_mode == "ramp":
+            return [self.ramp] * n_terms
+        return [None] * n_terms
 
     @property
     def sources(self) -> List[int]:
@@ -210,41 +267,61 @@ class BoundaryContext(nn.Module):
     def describe(self) -> str:
         terms = (["E(x)"] if self.image is not None else []) + [
             f"R(a_{i})" if i else "R(x)" for i in self.sources]
+        if self.gate_mode is not None:
+            terms = [f"g*{t}" for t in terms]
         return " + ".join(terms) if terms else "none"
 
     def forward(self, h: Tensor, inputs: Dict[int, Tensor], x: Tensor, backend) -> Tensor:
         if backend.name == "torch":
             return self._forward_eager(h, inputs, x)
+        scales = self.scales()
+        g_image, g_res = (scales[0], scales[1:]) if self.image is not None else (None, scales)
         out = h
-        fused = [e for e in self.residual if _integer_scale(inputs[e.source], h)]
-        for enc in self.residual:
-            if enc not in fused:
-                out = out + enc(inputs[enc.source], h.shape[-2:])
+        fused = [(e, g) for e, g in zip(self.residual, g_res) if _integer_scale(inputs[e.source], h)]
+        for enc, g in zip(self.residual, g_res):
+            if not _integer_scale(inputs[enc.source], h):
+                out = out + _scaled(enc(inputs[enc.source], h.shape[-2:]), g)
         if fused:
-            cs = [inputs[e.source] for e in fused]
-            bns = [e.bn for e in fused]
+            cs = [inputs[e.source] for e, _ in fused]
+            bns = [e.bn for e, _ in fused]
+            affine = [_scaled_affine(e.bn, g) for e, g in fused]
             out, means, vars_ = backend.residual_context(
-                out, cs, [e.conv.weight for e in fused], [e.conv.bias for e in fused],
-                [b.weight for b in bns], [b.bias for b in bns], [b.running_mean for b in bns],
+                out, cs, [e.conv.weight for e, _ in fused], [e.conv.bias for e, _ in fused],
+                [w for w, _ in affine], [b for _, b in affine], [b.running_mean for b in bns],
                 [b.running_var for b in bns], self.training, bns[0].eps)
             for bn, c, mean, var in zip(bns, cs, means, vars_):
                 update_running_stats(bn, mean, var, c.shape[0] * c.shape[2] * c.shape[3])
         if self.image is not None:
             if _integer_scale(x, h) and getattr(backend, "image_context_tail_backward", None):
                 enc = self.image
+                gamma2, beta2 = _scaled_affine(enc.bn2, g_image)
                 out = _ImageContextRecompute.apply(
                     out, x, backend.image_context_tail, backend.image_context_tail_backward, enc,
                     enc.conv1.weight, enc.conv1.bias, enc.bn1.weight, enc.bn1.bias,
-                    enc.conv2.weight, enc.conv2.bias, enc.bn2.weight, enc.bn2.bias)
+                    enc.conv2.weight, enc.conv2.bias, gamma2, beta2)
             else:
-                out = out + self.image(x, h.shape[-2:])
+                out = out + _scaled(self.image(x, h.shape[-2:]), g_image)
         return out
 
     def _forward_eager(self, h: Tensor, inputs: Dict[int, Tensor], x: Tensor) -> Tensor:
         size = h.shape[-2:]
+        scales = self.scales()
+        g_image, g_res = (scales[0], scales[1:]) if self.image is not None else (None, scales)
         out = h
         if self.image is not None:
-            out = out + self.image(x, size)
-        for enc in self.residual:
-            out = out + enc(inputs[enc.source], size)
+            out = out + _scaled(self.image(x, size), g_image)
+        for enc, g in zip(self.residual, g_res):
+            out = out + _scaled(enc(inputs[enc.source], size), g)
         return out
+
+
+def _scaled(term: Tensor, g) -> Tensor:
+    """``g * term`` (the paper's form when ``g`` is None)."""
+    return term if g is None else term * g
+
+
+def _scaled_affine(bn: nn.BatchNorm2d, g) -> Tuple[Tensor, Tensor]:
+    """BatchNorm affine parameters that apply the gate inside BN -> ReLU (valid for g >= 0)."""
+    if g is None:
+        return bn.weight, bn.bias
+    return bn.weight * g, bn.bias * g
