@@ -106,11 +106,11 @@ def _patch_gram_kernel(
             off_i, in_i, val_i = _patch_offsets(n, y, x, mp, ki, K9, sN, sC, sH, sW, HB, WB)
             off_j, in_j, val_j = _patch_offsets(n, y, x, mp, kj, K9, sN, sC, sH, sW, HB, WB)
             xi = tl.load(u_ptr + off_i, mask=in_i, other=0)
-            xj = tl.trans(tl.load(u_ptr + off_j, mask=in_j, other=0))
+            xj = tl.load(u_ptr + off_j, mask=in_j, other=0)
             if SHIFT:
                 xi = tl.where(val_i, to_acc(xi, FP64) - piv_i[:, None], 0.0)
-                xj = tl.where(tl.trans(val_j), to_acc(xj, FP64) - piv_j[None, :], 0.0)
-            acc = mma(xi, xj, acc, PREC, UPCAST)
+                xj = tl.where(val_j, to_acc(xj, FP64) - piv_j[:, None], 0.0)
+            acc = mma(xi, tl.trans(xj), acc, PREC, UPCAST)
             s1 += to_acc(xi, FP64)
         tl.store(gram_ptr + sp * K9 * K9 + ki[:, None] * K9 + kj[None, :], acc,
                  mask=(ki < K9)[:, None] & (kj < K9)[None, :])
@@ -255,8 +255,13 @@ def _ic_grad_input_kernel(
 # ----------------------------------------------------------------------------------------
 # launch helpers and finalize (tiny (C,) / (C, K9) / (K9, K9) torch math)
 # ----------------------------------------------------------------------------------------
-def _k_block(K9: int, acc: torch.dtype) -> int:
-    return pow2(K9, 16, 32 if acc == torch.float64 else 128)
+def _k_block(K9: int, acc: torch.dtype, cap: int = 128) -> int:
+    """Tile over the 9*C_in patch rows (fp64 tiles: keep shared memory < 100 KB)."""
+    return pow2(K9, 16, 32 if acc == torch.float64 else cap)
+
+
+#: ``num_warps`` of the launches whose register tiles are (64 x 128) or larger on a GPU
+WARPS = 8
 
 
 def patch_moments(u: Tensor) -> Tuple[Tensor, Tensor]:
@@ -268,7 +273,7 @@ def patch_moments(u: Tensor) -> Tuple[Tensor, Tensor]:
     acc = acc_dtype(u.dtype)
     shift = u.dtype in (torch.float32, torch.float64)  # 16-bit: exact products, no shift
     _, prec, upcast = dot_config(u.dtype, stats=True)
-    block_k, block_p = _k_block(K9, acc), pixel_block(P, 32)
+    block_k, block_p = _k_block(K9, acc, cap=64), pixel_block(P, 32)
     kt = triton.cdiv(K9, block_k)
     splits, chunk = split_plan(P, block_p, kt * (kt + 1) // 2, u.device)
     gram = torch.empty((splits, K9, K9), dtype=acc, device=u.device)
@@ -277,7 +282,7 @@ def patch_moments(u: Tensor) -> Tuple[Tensor, Tensor]:
            else torch.zeros(K9, dtype=acc, device=u.device))
     launch(_patch_gram_kernel, (splits, kt, kt), u, *strides4(u), HB, WB, K9, P, chunk, piv, gram,
            sums, SHIFT=shift, FP64=acc == torch.float64, BLOCK_K=block_k, BLOCK_P=block_p,
-           PREC=prec, UPCAST=upcast)
+           PREC=prec, UPCAST=upcast, num_warps=WARPS)
     d = sums.sum(0) / P
     tile = torch.arange(K9, device=u.device) // block_k
     g = gram.sum(0)
@@ -298,7 +303,7 @@ def _apply(h: Tensor, u: Tensor, w_dot: Tensor, bn: Tensor) -> Tensor:
            h, *strides4(h), out, *strides4(out), u, *strides4(u), HB, WB, K9, w_dot, bn,
            C, HO, WO, Q, HB // HO, WB // WO,
            FP64=acc == torch.float64, H_FP64=h.dtype == torch.float64, BLOCK_C=block_c,
-           BLOCK_K=block_k, BLOCK_Q=block_q, PREC=prec, UPCAST=upcast)
+           BLOCK_K=block_k, BLOCK_Q=block_q, PREC=prec, UPCAST=upcast, num_warps=WARPS)
     return out
 
 
@@ -319,7 +324,7 @@ def _grad_sums(grad_out: Tensor, u: Tensor, w_dot: Tensor, bn: Tensor,
     launch(_ic_grad_sums_kernel, (splits, ct, kt), grad_out, *strides4(grad_out), C, HO, WO, Q,
            chunk, u, *strides4(u), HB, WB, K9, w_dot, bn, center, sh, sw, gpart, dpart,
            FP64=acc == torch.float64, BLOCK_C=block_c, BLOCK_K=block_k, BLOCK_Q=block_q,
-           PREC=prec, UPCAST=upcast)
+           PREC=prec, UPCAST=upcast, num_warps=WARPS)
     inv_win = 1.0 / (sh * sw)
     return gpart.sum(0) * inv_win, dpart.sum(0) * inv_win
 
@@ -350,7 +355,7 @@ def _grad_input(grad_out: Tensor, u: Tensor, w_dot: Tensor, coef: Tensor) -> Ten
     tiles_w = triton.cdiv(WB, rw - 2)
     per_img = triton.cdiv(HB, rh - 2) * tiles_w
     tiles = N * per_img
-    block_c, block_k = pow2(C, 16, 64), _k_block(K9, acc)
+    block_c, block_k = pow2(C, 16, 64), _k_block(K9, acc, cap=32)  # (BLOCK_K, LANES) patch tiles
     block_ci = pow2(CI, 16, 32)
     cit = triton.cdiv(CI, block_ci)
     if u.device.type == "cuda" and not INTERPRETED:
@@ -363,7 +368,7 @@ def _grad_input(grad_out: Tensor, u: Tensor, w_dot: Tensor, coef: Tensor) -> Ten
            CI, HB, WB, K9, w_dot, coef, C, HB // HO, WB // WO, grad_u, *strides4(grad_u),
            scratch, tiles, tiles_w, per_img, rh, rw,
            FP64=acc == torch.float64, BLOCK_C=block_c, BLOCK_K=block_k, BLOCK_CI=block_ci,
-           LANES=lanes, PREC=prec, UPCAST=upcast)
+           LANES=lanes, PREC=prec, UPCAST=upcast, num_warps=WARPS)
     return grad_u
 
 
