@@ -26,7 +26,7 @@ x+dx-1]`` (0 outside the image), so ``y_p = W x_p + b``; ``M = N*HB*WB``.
   its region, writes it to a small per-program scratch (``LANES * C`` values, in L2 on a GPU),
   and forms ``grad_u`` on the region's interior (1-pixel halo) from 9 shifted reads of it.
 """
-from typing import Optional, Tuple
+from typing import Dict, Optional, Tuple
 
 import torch
 import triton
@@ -455,6 +455,78 @@ def _backward(ctx, grad_out, *_):
 
 
 _fwd_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+# ----------------------------------------------------------------------------------------
+# cost model (FLOPs and bytes, for bench/ and the README)
+# ----------------------------------------------------------------------------------------
+def cost_model(N: int, C: int, CI: int, HB: int, WB: int, HO: int, WO: int, itemsize: int,
+               training: bool = True, lanes: int = 256) -> Dict[str, Dict[str, int]]:
+    """FLOPs and DRAM bytes of one training (or eval) step of this op on a GPU, per pass, and
+    of the eager E it replaces (``conv2d -> batch_norm -> relu -> adaptive_avg_pool2d -> add``
+    and their backwards, op by op).
+
+    Args: the shapes of ``h`` (N, C, HO, WO) and ``u`` (N, CI, HB, WB); ``itemsize`` the bytes
+    of an activation (2 for bf16/fp16, 4 for fp32); ``lanes`` the grad_u region size.
+
+    Returns ``{"<pass>": {"flops": ..., "bytes": ...}}`` with passes ``gram``, ``apply``,
+    ``grad_sums``, ``grad_input`` (ours; ``gram`` only in training) and ``eager_forward``,
+    ``eager_backward``, plus ``ours`` / ``eager`` totals and ``recompute_tail``, the path this
+    op replaces (cuDNN conv + fused BN/ReLU/pool tail, conv recomputed in backward).
+    The eager and ``recompute_tail`` bytes are those of training. FLOPs: 2 per multiply-add of the
+    tensor-core dots as the GPU tiling executes them (padding of C to 16/64, of 9*C_in to the
+    K tile, of C_in to 16, and the halo lanes of grad_u included); elementwise work is not
+    counted (as ``torch.utils.flop_counter``, which counts the eager convolutions only).
+    Bytes: compulsory DRAM traffic, every tensor argument read and every result written once
+    per pass (re-reads of overlapping patches and halos assumed to hit in cache; the grad_u
+    scratch, ``lanes * C`` values per program, stays in L2); the (C,)-sized vectors and
+    weights are left out.
+    """
+    K9, P, Q = 9 * CI, N * HB * WB, N * HO * WO
+    e = itemsize
+    block_c = pow2(C, 16, 64)
+    cp = triton.cdiv(C, block_c) * block_c
+
+    def padded(n, block):
+        return triton.cdiv(n, block) * block
+
+    bk = pow2(K9, 16, 128)
+    conv = 2 * P * cp * padded(K9, bk)  # one implicit-GEMM conv recompute
+    bg = pow2(K9, 16, 64)
+    kt = triton.cdiv(K9, bg)
+    rh, rw = region_plan(HB, WB, lanes)
+    lane_total = N * triton.cdiv(HB, rh - 2) * triton.cdiv(WB, rw - 2) * lanes
+    bci = pow2(CI, 16, 32)
+    cit = triton.cdiv(CI, bci)
+    ours = {
+        "apply": {"flops": conv, "bytes": e * (P * CI + 2 * Q * C)},
+        "grad_sums": {"flops": conv * triton.cdiv(K9, bk) + conv,
+                      "bytes": e * (P * CI + Q * C)},
+        "grad_input": {"flops": cit * 2 * lane_total * cp * (padded(K9, 32) + 9 * bci),
+                       "bytes": e * (2 * P * CI + Q * C)},
+    }
+    if training:
+        ours["gram"] = {"flops": 2 * P * bg * bg * kt * (kt + 1) // 2, "bytes": e * P * CI}
+    eager_conv = 2 * P * C * K9
+    pc, qc, pci = P * C, Q * C, P * CI
+    # forward: conv (u -> y), batch_norm (stats + apply: 2 reads, 1 write), relu, pool, add
+    fwd = pci + pc + 3 * pc + 2 * pc + (pc + qc) + 3 * qc
+    # backward: pool (qc -> pc), relu (2 reads, 1 write), batch_norm (reduce: 2 reads; apply:
+    # 2 reads, 1 write), conv dgrad (read grad_y, write grad_u), wgrad (read grad_y and u)
+    bwd = (qc + pc) + 3 * pc + 5 * pc + (pc + pci) + (pc + pci)
+    eager = {"eager_forward": {"flops": eager_conv, "bytes": e * fwd},
+             "eager_backward": {"flops": 2 * eager_conv, "bytes": e * bwd}}
+    # the torch path before this op (context._ImageContextRecompute): conv + fused tail
+    # (stats, apply) in forward; conv recompute, fused tail backward (sums, grad_z), dgrad,
+    # wgrad in backward
+    today = {"flops": 4 * eager_conv,
+             "bytes": e * ((pci + pc) + pc + (pc + 2 * qc)
+                           + (pci + pc) + (pc + qc) + (2 * pc + qc) + (pc + pci) + (pc + pci))}
+    out: Dict[str, Dict[str, int]] = {**ours, **eager}
+    out["ours"] = {k: sum(v[k] for v in ours.values()) for k in ("flops", "bytes")}
+    out["eager"] = {k: sum(v[k] for v in eager.values()) for k in ("flops", "bytes")}
+    out["recompute_tail"] = today
+    return out
 
 
 # ----------------------------------------------------------------------------------------

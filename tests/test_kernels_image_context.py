@@ -272,3 +272,22 @@ def test_image_context_cuda_realistic(dtype):
     for C, hw, s in ((64, (8, 8), 4), (16, (32, 32), 1)):
         check_case(make_case(mk, 8, C, 12, hw, s, dtype, "channels_last"), dtype, True, mk)
         check_case(make_case(mk, 8, C, 12, hw, s, dtype), dtype, False, mk)
+
+
+# ------------------------------------------------------------------------------ cost model
+def test_cost_model_eager_flops_match_flop_counter():
+    """The eager FLOPs of ``cost_model`` equal torch.utils.flop_counter's count of the
+    reference (meta tensors: nothing is computed), and the op moves fewer bytes."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from contsup_fast.kernels._image_context import cost_model
+
+    N, C, CI, HB, HO = 4, 24, 5, 12, 4
+    m = lambda *s: torch.randn(*s, device="meta", requires_grad=True)  # noqa: E731
+    with FlopCounterMode(display=False) as fc:
+        out = ref.image_context_ref(m(N, C, HO, HO).detach(), m(N, CI, HB, HB), m(C, CI, 3, 3),
+                                    m(C), m(C), m(C), None, None, True)[0]
+        out.backward(torch.ones_like(out))
+    cost = cost_model(N, C, CI, HB, HB, HO, HO, 2)
+    assert cost["eager"]["flops"] == fc.get_total_flops()
+    assert cost["ours"]["bytes"] < cost["recompute_tail"]["bytes"] < cost["eager"]["bytes"]
