@@ -291,3 +291,23 @@ def test_cost_model_eager_flops_match_flop_counter():
     cost = cost_model(N, C, CI, HB, HB, HO, HO, 2)
     assert cost["eager"]["flops"] == fc.get_total_flops()
     assert cost["ours"]["bytes"] < cost["recompute_tail"]["bytes"] < cost["eager"]["bytes"]
+
+
+def test_torch_compile_fullgraph():
+    """No graph break and the eager results and gradients (under the interpreter the op is
+    an opaque custom op; on CUDA a triton_op whose kernels inductor traces)."""
+    mk = Maker(200)
+    h, u, w, b, g, beta, _, _ = make_case(mk, 2, 3, 2, (2, 2), 2, torch.float32)
+
+    def step(h, u, w, b, g, beta):
+        out, mean, var = K.image_context(h, u, w, b, g, beta, None, None, True)
+        return out.square().sum() + mean.sum() + var.sum()
+
+    backend = "aot_eager" if INTERPRETED else "inductor"
+    compiled = torch.compile(step, backend=backend, fullgraph=True)
+    leaves = (u, w, b, g, beta)
+    eager = step(h, *leaves)
+    comp = compiled(h, *leaves)
+    torch.testing.assert_close(comp, eager, rtol=1e-5, atol=1e-5)
+    for a, e in zip(torch.autograd.grad(comp, leaves), torch.autograd.grad(eager, leaves)):
+        torch.testing.assert_close(a, e, rtol=1e-5, atol=1e-5)
