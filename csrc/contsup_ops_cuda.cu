@@ -728,5 +728,21 @@ std::tuple<Tensor, Tensor> residual_bwd_sums(const Tensor& grad, const Tensor& c
   return {Gp.sum(0), Sp.sum(0)};
 }
 
+
+// Image-context passes: CUDA kernels not written yet (the CPU passes are complete).
+Tensor patch_sum(const Tensor&) { TORCH_CHECK(false, "contsup: image_context has no CUDA kernel yet; use the CPU or backend='torch'"); }
+Tensor patch_comoment(const Tensor&, const Tensor&) { TORCH_CHECK(false, "contsup: image_context has no CUDA kernel yet"); }
+void image_out(const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&) {
+  TORCH_CHECK(false, "contsup: image_context has no CUDA kernel yet");
+}
+std::tuple<Tensor, Tensor> image_bwd_sums(const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&,
+                                          const Tensor&, const Tensor&) {
+  TORCH_CHECK(false, "contsup: image_context has no CUDA kernel yet");
+}
+void image_bwd_du(const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&,
+                  const Tensor&, const Tensor&, const Tensor&, const Tensor&) {
+  TORCH_CHECK(false, "contsup: image_context has no CUDA kernel yet");
+}
+
 }  // namespace cuda
 }  // namespace contsup
