@@ -505,23 +505,126 @@ Tensor patch_sum(const Tensor& u) {
   return result;
 }
 
+// Centred patch co-moment sum_p (x_p - mean)(x_p - mean)^T without forming K x K outer
+// products per pixel. Let ut = u - c (c_j = mean[j*9 + 4], the channel mean), zero outside the
+// image, xt_p its patches and Y_h (W x 3C_in) the horizontal 3-neighbourhoods of row h of ut
+// (Y_h[w, j*3 + dx] = ut[j, h, w+dx-1]). Then the (dy, dy') block of sum_p xt_p xt_p^T is a
+// row-lagged Gram matrix of the Y's: with L_l = sum_h Y_h^T Y_{h+l} (zero rows outside),
+//   (0,0) = L_0 - Y_{H-1}^T Y_{H-1},  (1,1) = L_0,  (2,2) = L_0 - Y_0^T Y_0,
+//   (0,1) = (1,2) = L_1,  (0,2) = L_2   (and the transposes below the diagonal),
+// i.e. 3 (3C_in)^2 products per pixel instead of (9C_in)^2. The patch x_p = xt_p + c o m_p,
+// where the in-image mask m_p depends only on the border class of p (16 classes: top /
+// bottom / both / neither row x the same for columns), so with d_k = c o m_k - mean,
+// s_k = sum_{p in class k} xt_p and n_k pixels per class:
+//   sum_p (x_p - mean)(x_p - mean)^T = sum_p xt_p xt_p^T + sum_k (s_k d_k^T + d_k s_k^T + n_k d_k d_k^T).
+// Every term is a sum of centred quantities (no E[xx^T] - mu mu^T cancellation).
 Tensor patch_comoment(const Tensor& u, const Tensor& mean) {
   const View4 v = view4(u);
-  const int64_t K = 9 * v.C;
+  const int64_t Ci = v.C, K = 9 * Ci, L = 3 * Ci, LL = L * L, W = v.W, H = v.H;
+  constexpr int64_t kClasses = 16;
   Tensor result;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, u.scalar_type(), "contsup_patch_comoment_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const scalar_t* up = u.const_data_ptr<scalar_t>();
     const acc_t* mp = mean.const_data_ptr<acc_t>();
-    auto tot = reduce_rows<acc_t>(v.N * v.H, K * K, [&](int64_t r, acc_t* racc, std::vector<acc_t>& s) {
-      s.resize(3 * v.W * v.C + v.W * K);
-      acc_t* X = s.data() + 3 * v.W * v.C;
-      patch_row(up, v, r / v.H, r % v.H, s.data(), X);
-      for (int64_t x = 0; x < v.W; ++x)
-        for (int64_t k = 0; k < K; ++k) X[x * K + k] -= mp[k];
-      gemm_acc(X, true, X, K, v.W, K, racc);  // racc += Xc^T Xc
+    std::vector<acc_t> c(Ci);
+    for (int64_t j = 0; j < Ci; ++j) c[j] = mp[j * 9 + 4];
+    auto border_class = [&](int64_t h, int64_t w) {
+      return ((h == 0) + 2 * (h == H - 1)) * 4 + (w == 0) + 2 * (w == W - 1);
+    };
+    // row accumulator: [L0 | L1 | L2 | Y_0^T Y_0 | Y_{H-1}^T Y_{H-1} | s (16 x K)]
+    const int64_t width = 5 * LL + kClasses * K;
+    auto tot = reduce_rows<acc_t>(v.N * H, width, [&](int64_t r, acc_t* racc, std::vector<acc_t>& s) {
+      const int64_t n = r / H, h = r % H;
+      s.resize(4 * W * Ci + 3 * W * L);
+      acc_t* rows = s.data();          // centred rows h-1, h, h+1, h+2 (W x C_in each)
+      acc_t* Y = rows + 4 * W * Ci;    // Y_h, Y_{h+1}, Y_{h+2} (W x L each)
+      for (int64_t i = 0; i < 4; ++i) {
+        const int64_t hh = h + i - 1;
+        acc_t* dst = rows + i * W * Ci;
+        if (hh < 0 || hh >= H) {
+          std::fill(dst, dst + W * Ci, acc_t(0));
+        } else {
+          gather_row(up, v, n, hh, dst);
+          for (int64_t x = 0; x < W; ++x)
+            for (int64_t j = 0; j < Ci; ++j) dst[x * Ci + j] -= c[j];
+        }
+      }
+      for (int64_t i = 0; i < 3; ++i) {
+        const acc_t* row = rows + (i + 1) * W * Ci;
+        acc_t* Yi = Y + i * W * L;
+        for (int64_t x = 0; x < W; ++x)
+          for (int64_t dx = 0; dx < 3; ++dx) {
+            const int64_t xx = x + dx - 1;
+            for (int64_t j = 0; j < Ci; ++j)
+              Yi[x * L + j * 3 + dx] = (xx < 0 || xx >= W) ? acc_t(0) : row[xx * Ci + j];
+          }
+      }
+      gemm_acc(Y, true, Y, L, W, L, racc);                                     // L0
+      if (h + 1 < H) gemm_acc(Y, true, Y + W * L, L, W, L, racc + LL);          // L1
+      if (h + 2 < H) gemm_acc(Y, true, Y + 2 * W * L, L, W, L, racc + 2 * LL);  // L2
+      if (h == 0) std::copy(racc, racc + LL, racc + 3 * LL);
+      if (h == H - 1) std::copy(racc, racc + LL, racc + 4 * LL);
+      acc_t* sc = racc + 5 * LL;
+      for (int64_t x = 0; x < W; ++x) {
+        acc_t* sk = sc + border_class(h, x) * K;
+        for (int64_t dy = 0; dy < 3; ++dy) {
+          const acc_t* row = rows + dy * W * Ci;
+          for (int64_t dx = 0; dx < 3; ++dx) {
+            const int64_t xx = x + dx - 1;
+            if (xx < 0 || xx >= W) continue;
+            for (int64_t j = 0; j < Ci; ++j) sk[j * 9 + dy * 3 + dx] += row[xx * Ci + j];
+          }
+        }
+      }
     });
-    result = vec_to_tensor(tot, {K, K}, u.options().dtype(c10::CppTypeToScalarType<acc_t>::value));
+    // assemble sum_p xt_p xt_p^T from the lagged blocks
+    std::vector<acc_t> S(K * K);
+    const acc_t* L0 = tot.data();
+    const acc_t* L1 = L0 + LL;
+    const acc_t* L2 = L0 + 2 * LL;
+    const acc_t* F0 = L0 + 3 * LL;
+    const acc_t* FH = L0 + 4 * LL;
+    for (int64_t dy = 0; dy < 3; ++dy)
+      for (int64_t dy2 = dy; dy2 < 3; ++dy2)
+        for (int64_t j = 0; j < Ci; ++j)
+          for (int64_t dx = 0; dx < 3; ++dx)
+            for (int64_t j2 = 0; j2 < Ci; ++j2)
+              for (int64_t dx2 = 0; dx2 < 3; ++dx2) {
+                const int64_t a = (j * 3 + dx) * L + j2 * 3 + dx2;
+                acc_t val;
+                if (dy2 - dy == 2) val = L2[a];
+                else if (dy2 - dy == 1) val = L1[a];
+                else val = L0[a] - (dy == 0 ? FH[a] : dy == 2 ? F0[a] : acc_t(0));
+                const int64_t k = j * 9 + dy * 3 + dx, k2 = j2 * 9 + dy2 * 3 + dx2;
+                S[k * K + k2] = val;
+                S[k2 * K + k] = val;
+              }
+    // border-class corrections: n_k = N * rows_in_class * cols_in_class
+    auto count = [](int64_t len, int64_t cls) -> int64_t {  // cls: 0 inner, 1 first, 2 last, 3 both
+      if (len == 1) return cls == 3 ? 1 : 0;
+      return cls == 0 ? len - 2 : cls == 3 ? 0 : 1;
+    };
+    const acc_t* sc = tot.data() + 5 * LL;
+    std::vector<acc_t> d(K);
+    for (int64_t cls = 0; cls < kClasses; ++cls) {
+      const int64_t rc = cls / 4, cc = cls % 4;
+      const acc_t nk = static_cast<acc_t>(v.N * count(H, rc) * count(W, cc));
+      if (nk == acc_t(0)) continue;
+      for (int64_t j = 0; j < Ci; ++j)
+        for (int64_t dy = 0; dy < 3; ++dy)
+          for (int64_t dx = 0; dx < 3; ++dx) {
+            const bool out = (dy == 0 && (rc & 1)) || (dy == 2 && (rc & 2)) || (dx == 0 && (cc & 1)) ||
+                             (dx == 2 && (cc & 2));
+            const int64_t k = j * 9 + dy * 3 + dx;
+            d[k] = (out ? acc_t(0) : c[j]) - mp[k];
+          }
+      const acc_t* sk = sc + cls * K;
+      for (int64_t k = 0; k < K; ++k)
+        for (int64_t k2 = 0; k2 < K; ++k2)
+          S[k * K + k2] += sk[k] * d[k2] + d[k] * sk[k2] + nk * d[k] * d[k2];
+    }
+    result = vec_to_tensor(S, {K, K}, u.options().dtype(c10::CppTypeToScalarType<acc_t>::value));
   });
   return result;
 }

@@ -321,3 +321,26 @@ def test_cuda_matches_cpu_at_training_size(dtype, channels_last):
     for a, e, name in zip(res[1], res[0], ["out", "mean", "var", "u", "weight", "bias", "bn_weight", "bn_bias"]):
         tol = TOL_UGRAD[dtype] if name in ("out", "u") else 1e-4
         _assert_close(a, e, tol, name)
+
+
+@pytest.mark.parametrize("shape", [(3, 2, 1, 5), (2, 3, 4, 1), (2, 4, 2, 2), (2, 3, 7, 6)], ids=str)
+def test_patch_moments_match_unfold_with_large_mean(shape):
+    """The patch mean/covariance behind the batch statistics, against an explicit fp64
+    unfold, for inputs whose mean dwarfs their spread (centring) and 1-pixel-wide maps
+    (every border class)."""
+    N, Ci, Hs, Ws = shape
+    gen = torch.Generator().manual_seed(17)
+    u = torch.randn(N, Ci, Hs, Ws, generator=gen) * 0.1 + 30.0
+    C = 3
+    h = torch.zeros(N, C, Hs, Ws)
+    w = torch.randn(C, Ci, 3, 3, generator=gen)
+    ones, zeros = torch.ones(C), torch.zeros(C)
+    _, mean, var, moments = OPS.image_context(h, u, w, zeros, ones, zeros, zeros, ones, True, 1e-5)
+    X = F.unfold(u.double(), 3, padding=1).transpose(1, 2).reshape(-1, 9 * Ci)  # (pixels, K)
+    mu = X.mean(0)
+    cov = (X - mu).T @ (X - mu) / X.shape[0]
+    K = 9 * Ci
+    torch.testing.assert_close(moments[:K].double(), mu, rtol=1e-6, atol=1e-5)
+    torch.testing.assert_close(moments[K:].double().view(K, K), cov, rtol=1e-4, atol=2e-5)
+    z = F.conv2d(u.double(), w.double(), padding=1)
+    torch.testing.assert_close(var.double(), z.var(dim=(0, 2, 3), unbiased=False), rtol=1e-4, atol=1e-4)
