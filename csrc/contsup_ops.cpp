@@ -1375,7 +1375,15 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> image_context_backward(
 // ------------------------------------------------------------------------------------
 // Registration
 // ------------------------------------------------------------------------------------
-TORCH_LIBRARY(contsup, m) {
+// The library's namespace: torch.ops.contsup (the test-only CUDA-emulation build uses
+// another one, -DCONTSUP_LIB=contsup_emu, so that both can be loaded in one process).
+#ifndef CONTSUP_LIB
+#define CONTSUP_LIB contsup
+#endif
+#define CONTSUP_TORCH_LIBRARY(ns, m) TORCH_LIBRARY(ns, m)
+#define CONTSUP_TORCH_LIBRARY_IMPL(ns, key, m) TORCH_LIBRARY_IMPL(ns, key, m)
+
+CONTSUP_TORCH_LIBRARY(CONTSUP_LIB, m) {
   m.def("residual_context(Tensor h, Tensor[] contexts, Tensor[] weights, Tensor[] biases, "
         "Tensor[] bn_weights, Tensor[] bn_biases, Tensor[] running_means, Tensor[] running_vars, "
         "bool training, float eps) -> (Tensor, Tensor, Tensor, Tensor)");
@@ -1411,12 +1419,12 @@ TORCH_LIBRARY(contsup, m) {
   m.impl("image_context", &contsup::image_context);                                      \
   m.impl("image_context_backward", &contsup::image_context_backward);
 
-TORCH_LIBRARY_IMPL(contsup, CPU, m) { CONTSUP_IMPL_ALL(m) }
+CONTSUP_TORCH_LIBRARY_IMPL(CONTSUP_LIB, CPU, m) { CONTSUP_IMPL_ALL(m) }
 
 #ifdef CONTSUP_WITH_CUDA
 // The CUDA dispatch key runs the same operator logic; the heavy passes are the kernels
 // of contsup_ops_cuda.cu (selected by device in CONTSUP_PASS).
-TORCH_LIBRARY_IMPL(contsup, CUDA, m) { CONTSUP_IMPL_ALL(m) }
+CONTSUP_TORCH_LIBRARY_IMPL(CONTSUP_LIB, CUDA, m) { CONTSUP_IMPL_ALL(m) }
 #define CONTSUP_WITH_CUDA_FLAG 1
 #else
 #define CONTSUP_WITH_CUDA_FLAG 0

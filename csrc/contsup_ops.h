@@ -97,7 +97,7 @@ namespace cpu {
 CONTSUP_DECLARE_PASSES
 }  // namespace cpu
 
-#ifdef CONTSUP_WITH_CUDA
+#if defined(CONTSUP_WITH_CUDA) || defined(CONTSUP_CUDA_EMULATION)
 namespace cuda {
 CONTSUP_DECLARE_PASSES
 }  // namespace cuda

@@ -21,9 +21,16 @@
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
-#include <c10/cuda/CUDAStream.h>
 #include <ATen/cuda/detail/IntegerDivider.cuh>
+#if defined(CONTSUP_CUDA_EMULATION)
+// test-only build: this file compiled as C++, kernels run on CPU threads (cuda_emulation.h)
+#include "cuda_emulation.h"
+#else
 #include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAStream.h>
+// kernel launch on the current stream: CONTSUP_LAUNCH(grid, block, kernel<...>)(args...)
+#define CONTSUP_LAUNCH(grid, block, ...) __VA_ARGS__<<<(grid), (block), 0, c10::cuda::getCurrentCUDAStream()>>>
+#endif
 
 #include <algorithm>
 #include <cstdint>
@@ -181,7 +188,7 @@ Tensor launch_channel_reduce(const Tensor& x, F f, bool per_sample) {
   const int64_t pblocks = ceil_div(P, chunk);
   Tensor partial = at::empty({pblocks, NV, v.C}, x.options().dtype(c10::CppTypeToScalarType<acc_t>::value));
   const dim3 grid(static_cast<unsigned>(pblocks), static_cast<unsigned>(cblocks));
-  channel_reduce_kernel<scalar_t, acc_t, NV, F><<<grid, kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
+  CONTSUP_LAUNCH(grid, kThreads, channel_reduce_kernel<scalar_t, acc_t, NV, F>)(
       x.const_data_ptr<scalar_t>(), v, make_div(v.H * v.W), make_div(v.W), static_cast<uint32_t>(P),
       static_cast<uint32_t>(chunk), cin, f, partial.mutable_data_ptr<acc_t>());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -999,8 +1006,7 @@ void pool_bn_relu(const Tensor& z, const Tensor& A, const Tensor& B, const Tenso
     const Div d0 = make_div(ocin ? ov.C : ov.W), d1 = make_div(ocin ? ov.W : ov.H),
               d2 = make_div(ocin ? ov.H : ov.C);
     const View4 iv = in.defined() ? view4(in) : ov;
-    pool_window_kernel<scalar_t, acc_t><<<static_cast<unsigned>(ceil_div(total, kThreads)), kThreads, 0,
-                                          c10::cuda::getCurrentCUDAStream()>>>(
+    CONTSUP_LAUNCH(static_cast<unsigned>(ceil_div(total, kThreads)), kThreads, pool_window_kernel<scalar_t, acc_t>)(
         z.const_data_ptr<scalar_t>(), zv, Ap, Bp, relu,
         in.defined() ? in.const_data_ptr<scalar_t>() : nullptr, iv, out.mutable_data_ptr<scalar_t>(), ov,
         static_cast<int>(sh), static_cast<int>(sw), acc_t(1) / static_cast<acc_t>(sh * sw), d0, d1, d2, ocin,
@@ -1031,8 +1037,7 @@ void pool_bwd_dz(const Tensor& grad, const Tensor& z, const Tensor& A, const Ten
   const bool cin = chan_inner(zv);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, z.scalar_type(), "contsup_pool_bwd_dz_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    pool_bwd_dz_kernel<scalar_t, acc_t><<<static_cast<unsigned>(ceil_div(total, kThreads)), kThreads, 0,
-                                          c10::cuda::getCurrentCUDAStream()>>>(
+    CONTSUP_LAUNCH(static_cast<unsigned>(ceil_div(total, kThreads)), kThreads, pool_bwd_dz_kernel<scalar_t, acc_t>)(
         grad.const_data_ptr<scalar_t>(), gv, z.const_data_ptr<scalar_t>(), zv, dz.mutable_data_ptr<scalar_t>(), dv,
         A.const_data_ptr<acc_t>(), B.const_data_ptr<acc_t>(), mean.const_data_ptr<acc_t>(),
         Q.const_data_ptr<acc_t>(), R.const_data_ptr<acc_t>(), acc_t(1) / static_cast<acc_t>(sh * sw),
@@ -1054,7 +1059,7 @@ Tensor comoment(const Tensor& c, const Tensor& mean) {
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, c.scalar_type(), "contsup_comoment_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const dim3 grid(static_cast<unsigned>(ntile * ntile), static_cast<unsigned>(pblocks));
-    comoment_kernel<scalar_t, acc_t><<<grid, kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
+    CONTSUP_LAUNCH(grid, kThreads, comoment_kernel<scalar_t, acc_t>)(
         c.const_data_ptr<scalar_t>(), cv, mean.const_data_ptr<acc_t>(), make_div(cv.H * cv.W), make_div(cv.W),
         static_cast<uint32_t>(P), static_cast<uint32_t>(chunk), static_cast<int>(ntile),
         partial.mutable_data_ptr<acc_t>());
@@ -1072,7 +1077,7 @@ void residual_out(const Tensor& c, const Tensor& Wt, const Tensor& bp, const Ten
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, c.scalar_type(), "contsup_residual_out_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const dim3 grid(static_cast<unsigned>(ceil_div(Po, TP)), static_cast<unsigned>(ktiles));
-    residual_out_kernel<scalar_t, acc_t><<<grid, kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
+    CONTSUP_LAUNCH(grid, kThreads, residual_out_kernel<scalar_t, acc_t>)(
         c.const_data_ptr<scalar_t>(), cv, Wt.const_data_ptr<acc_t>(), bp.const_data_ptr<acc_t>(),
         in.const_data_ptr<scalar_t>(), iv, out.mutable_data_ptr<scalar_t>(), ov, static_cast<int>(sh),
         static_cast<int>(sw), acc_t(1) / static_cast<acc_t>(sh * sw), make_div(ov.W), make_div(ov.H),
@@ -1097,7 +1102,7 @@ std::tuple<Tensor, Tensor> residual_bwd_sums(const Tensor& grad, const Tensor& c
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, c.scalar_type(), "contsup_residual_bwd_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const dim3 grid(static_cast<unsigned>(ktiles * jtiles), static_cast<unsigned>(pblocks));
-    residual_bwd_kernel<scalar_t, acc_t><<<grid, kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
+    CONTSUP_LAUNCH(grid, kThreads, residual_bwd_kernel<scalar_t, acc_t>)(
         grad.const_data_ptr<scalar_t>(), gv, c.const_data_ptr<scalar_t>(), cv, Wt.const_data_ptr<acc_t>(),
         bp.const_data_ptr<acc_t>(), center.const_data_ptr<acc_t>(), static_cast<int>(sh), static_cast<int>(sw),
         acc_t(1) / static_cast<acc_t>(sh * sw), make_div(cv.H * cv.W), make_div(cv.W), static_cast<uint32_t>(P),
@@ -1119,8 +1124,7 @@ Tensor patch_sum(const Tensor& u) {
   Tensor partial = at::empty({pblocks, K}, u.options().dtype(acc_of(u)));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, u.scalar_type(), "contsup_patch_sum_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    patch_sum_kernel<scalar_t, acc_t><<<static_cast<unsigned>(pblocks), kThreads, 0,
-                                        c10::cuda::getCurrentCUDAStream()>>>(
+    CONTSUP_LAUNCH(static_cast<unsigned>(pblocks), kThreads, patch_sum_kernel<scalar_t, acc_t>)(
         u.const_data_ptr<scalar_t>(), v, make_div(v.H * v.W), make_div(v.W), static_cast<uint32_t>(P),
         static_cast<uint32_t>(chunk), partial.mutable_data_ptr<acc_t>());
     C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -1140,7 +1144,7 @@ Tensor patch_comoment(const Tensor& u, const Tensor& mean) {
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, u.scalar_type(), "contsup_patch_comoment_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const dim3 grid(static_cast<unsigned>(ntile * ntile), static_cast<unsigned>(pblocks));
-    patch_comoment_kernel<scalar_t, acc_t><<<grid, kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
+    CONTSUP_LAUNCH(grid, kThreads, patch_comoment_kernel<scalar_t, acc_t>)(
         u.const_data_ptr<scalar_t>(), v, mean.const_data_ptr<acc_t>(), make_div(v.H * v.W), make_div(v.W),
         static_cast<uint32_t>(P), static_cast<uint32_t>(chunk), static_cast<int>(ntile),
         partial.mutable_data_ptr<acc_t>());
@@ -1159,7 +1163,7 @@ void image_out(const Tensor& u, const Tensor& Wt, const Tensor& b, const Tensor&
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, u.scalar_type(), "contsup_image_out_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const dim3 grid(static_cast<unsigned>(ceil_div(Po, TP)), static_cast<unsigned>(ktiles));
-    image_out_kernel<scalar_t, acc_t><<<grid, kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
+    CONTSUP_LAUNCH(grid, kThreads, image_out_kernel<scalar_t, acc_t>)(
         u.const_data_ptr<scalar_t>(), uv, Wt.const_data_ptr<acc_t>(), b.const_data_ptr<acc_t>(),
         A.const_data_ptr<acc_t>(), B.const_data_ptr<acc_t>(), in.const_data_ptr<scalar_t>(), iv,
         out.mutable_data_ptr<scalar_t>(), ov, static_cast<int>(sh), static_cast<int>(sw),
@@ -1184,7 +1188,7 @@ std::tuple<Tensor, Tensor> image_bwd_sums(const Tensor& grad, const Tensor& u, c
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, u.scalar_type(), "contsup_image_bwd_sums_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const dim3 grid(static_cast<unsigned>(ktiles * jtiles), static_cast<unsigned>(pblocks));
-    image_bwd_sums_kernel<scalar_t, acc_t><<<grid, kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(
+    CONTSUP_LAUNCH(grid, kThreads, image_bwd_sums_kernel<scalar_t, acc_t>)(
         grad.const_data_ptr<scalar_t>(), gv, u.const_data_ptr<scalar_t>(), uv, Wt.const_data_ptr<acc_t>(),
         b.const_data_ptr<acc_t>(), A.const_data_ptr<acc_t>(), B.const_data_ptr<acc_t>(),
         center.const_data_ptr<acc_t>(), static_cast<int>(sh), static_cast<int>(sw),
@@ -1205,8 +1209,7 @@ void image_bwd_du(const Tensor& grad, const Tensor& u, const Tensor& Wt, const T
   TORCH_CHECK(blocks <= INT32_MAX, "contsup: u too large for the CUDA image-context backward");
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, u.scalar_type(), "contsup_image_bwd_du_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    image_bwd_du_kernel<scalar_t, acc_t><<<static_cast<unsigned>(blocks), kThreads, 0,
-                                           c10::cuda::getCurrentCUDAStream()>>>(
+    CONTSUP_LAUNCH(static_cast<unsigned>(blocks), kThreads, image_bwd_du_kernel<scalar_t, acc_t>)(
         grad.const_data_ptr<scalar_t>(), gv, u.const_data_ptr<scalar_t>(), uv, du.mutable_data_ptr<scalar_t>(), dv,
         Wt.const_data_ptr<acc_t>(), b.const_data_ptr<acc_t>(), A.const_data_ptr<acc_t>(), B.const_data_ptr<acc_t>(),
         mean.const_data_ptr<acc_t>(), Q.const_data_ptr<acc_t>(), R.const_data_ptr<acc_t>(), static_cast<int>(sh),

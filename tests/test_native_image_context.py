@@ -344,3 +344,87 @@ def test_patch_moments_match_unfold_with_large_mean(shape):
     torch.testing.assert_close(moments[K:].double().view(K, K), cov, rtol=1e-4, atol=2e-5)
     z = F.conv2d(u.double(), w.double(), padding=1)
     torch.testing.assert_close(var.double(), z.var(dim=(0, 2, 3), unbiased=False), rtol=1e-4, atol=1e-4)
+
+
+# ------------------------------------------------------------------------------------
+# the CUDA kernels' code, run on CPU threads (csrc/cuda_emulation.h), against the CPU kernels
+# ------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def emulated_cuda_ops():
+    """torch.ops.contsup_emu: contsup_ops.cpp + contsup_ops_cuda.cu compiled as C++ with the
+    CUDA emulation (built once per checkout under build/cuda_emulation, ~2 min)."""
+    import os
+    from pathlib import Path
+
+    from torch.utils import cpp_extension
+
+    root = Path(__file__).resolve().parent.parent
+    csrc = root / "csrc"
+    build = root / "build" / "cuda_emulation"
+    build.mkdir(parents=True, exist_ok=True)
+    if not hasattr(torch.ops, "contsup_emu") or not hasattr(torch.ops.contsup_emu, "image_context"):
+        os.environ.setdefault("MAX_JOBS", "2")
+        cpp_extension.load(
+            name="contsup_cuda_emu", sources=[str(csrc / "contsup_ops.cpp"), str(csrc / "cuda_emulation.cpp")],
+            extra_cflags=["-O1", "-DCONTSUP_CUDA_EMULATION", "-DCONTSUP_LIB=contsup_emu"],
+            extra_include_paths=[str(csrc)], build_directory=str(build), is_python_module=False)
+    return torch.ops.contsup_emu
+
+
+EMU_CASES = [
+    # (N, C, C_in, H, W, s, channels_last, training)
+    (2, 5, 3, 3, 4, 1, False, True),
+    (2, 70, 4, 2, 3, 2, True, True),   # two 64-channel tiles, 36-wide patch features
+    (1, 3, 2, 1, 1, 2, False, False),
+    (2, 9, 12, 3, 3, 4, True, True),   # C_in = 12 (K = 108: two feature tiles), s = 4
+    (3, 4, 30, 4, 5, 2, False, True),  # C_in > 28: du kernel's multi-pass outputs, 5 feature tiles
+]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("case", EMU_CASES, ids=str)
+def test_cuda_kernels_emulated_match_cpu(emulated_cuda_ops, case, dtype):
+    N, C, Ci, H, W, s, channels_last, training = case
+    h, u, w, b, g, beta, rm, rv = (t.detach() for t in _inputs((N, C, Ci, H, W, s), dtype, channels_last, "cpu"))
+    args = (h, u, w, b, g, beta, rm, rv, training, 1e-5)
+    emu = emulated_cuda_ops.image_context(*args)
+    cpu = OPS.image_context(*args)
+    tol = TOL_OUT[dtype] if dtype != torch.float32 else 1e-5
+    for a, e, name in zip(emu, cpu, ["out", "mean", "var", "patch moments"]):
+        _assert_close(a, e, tol if name == "out" else TOL_STAT[dtype], name)
+    assert emu[0].stride() == cpu[0].stride()
+    grad = torch.randn(h.shape, generator=torch.Generator().manual_seed(4)).to(dtype)
+    bargs = (grad, u, w, b, g, beta, cpu[1], cpu[2], cpu[3], training, 1e-5)
+    emu_g = emulated_cuda_ops.image_context_backward(*bargs)
+    cpu_g = OPS.image_context_backward(*bargs)
+    for i, (a, e, name) in enumerate(zip(emu_g, cpu_g, ["u", "weight", "bias", "bn_weight", "bn_bias"])):
+        _assert_close(a, e, TOL_UGRAD[dtype] if i == 0 else TOL_PGRAD[dtype], f"grad {name}")
+    assert emu_g[0].stride() == cpu_g[0].stride()
+
+
+@pytest.mark.slow
+def test_cuda_kernels_emulated_other_ops_match_cpu(emulated_cuda_ops):
+    """The pre-existing CUDA passes (residual context, image-context tail, head pooling) too."""
+    gen = torch.Generator().manual_seed(5)
+    h = torch.randn(2, 6, 3, 3, generator=gen)
+    c = torch.randn(2, 5, 6, 6, generator=gen).relu()
+    z = torch.randn(2, 6, 6, 6, generator=gen).to(memory_format=torch.channels_last)
+    w, b = torch.randn(6, 5, generator=gen), torch.randn(6, generator=gen)
+    g, beta, rm, rv = torch.rand(6, generator=gen) + 0.5, torch.randn(6, generator=gen), torch.zeros(6), torch.ones(6)
+    for name, args in [
+        ("residual_context", (h, [c], [w], [b], [g], [beta], [rm], [rv], True, 1e-5)),
+        ("image_context_tail", (h, z, g, beta, rm, rv, True, 1e-5)),
+        ("bn_relu_gap", (z, g, beta, rm, rv, True, 1e-5)),
+    ]:
+        for a, e in zip(getattr(emulated_cuda_ops, name)(*args), getattr(OPS, name)(*args)):
+            _assert_close(a, e, 1e-5, name)
+    _, m, v, mom = OPS.residual_context(h, [c], [w], [b], [g], [beta], [rm], [rv], True, 1e-5)
+    grad = torch.randn(h.shape, generator=gen)
+    bargs = (grad, [c], [w], [b], [g], [beta], m, v, mom, True, 1e-5)
+    for a, e in zip(emulated_cuda_ops.residual_context_backward(*bargs), OPS.residual_context_backward(*bargs)):
+        _assert_close(a[0], e[0], 1e-5, "residual_context_backward")
+    _, m, v = OPS.image_context_tail(h, z, g, beta, rm, rv, True, 1e-5)
+    bargs = (grad, z, g, beta, m, v, True, 1e-5)
+    for a, e in zip(emulated_cuda_ops.image_context_tail_backward(*bargs), OPS.image_context_tail_backward(*bargs)):
+        _assert_close(a, e, 1e-5, "image_context_tail_backward")
