@@ -289,10 +289,12 @@ def main(argv: Optional[List[str]] = None) -> List[dict]:
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--backend", default="torch", choices=["auto", "torch", "triton", "native"])
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--warmup", type=int, default=1, help="unmeasured steps before the measured one")
     p.add_argument("--json", default=None, help="write the rows, versions and settings here")
     args = p.parse_args(argv)
     try:
-        rows = memory_table(args.models, args.K, args.contexts, args.batch, args.device, args.backend)
+        rows = memory_table(args.models, args.K, args.contexts, args.batch, args.device, args.backend,
+                            warmup=args.warmup)
     except (ValueError, RuntimeError) as exc:  # bad model/K/context/backend: one line, no traceback
         p.exit(2, f"error: {exc}\n")
     print(format_table(rows))

