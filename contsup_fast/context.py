@@ -25,13 +25,14 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .fused.reference import batch_norm_stats, update_running_stats
+from .fused.chunked import image_context_chunked
+from .fused.reference import update_running_stats
 
 __all__ = ["ContextSpec", "parse_context", "ImageEncoder", "ResidualEncoder", "BoundaryContext",
            "GATES", "check_gate"]
@@ -135,8 +136,35 @@ class ImageEncoder(nn.Module):
         self.bn2 = nn.BatchNorm2d(out_channels)
 
     def forward(self, x: Tensor, size: Sequence[int]) -> Tensor:
+        """The eager encoder (reference): materialises the (N, C, H_img, W_img) second convolution."""
         z = self.conv2(F.relu(self.bn1(self.conv1(x))))
         return _pool(F.relu(self.bn2(z)), size)
+
+    def add_to(self, h: Tensor, x: Tensor, image_context: Callable,
+               bn_weight: Optional[Tensor] = None, bn_bias: Optional[Tensor] = None) -> Tensor:
+        """``h + self(x, h.shape[-2:])`` through a fused image-context op, without the
+        full-resolution output of the second convolution.
+
+        The first convolution, its BatchNorm and ReLU run eagerly (12 channels at the image
+        resolution: ``u``); ``image_context`` (a backend's op with the signature of
+        :func:`~contsup_fast.fused.reference.image_context_ref`) does conv2 -> BN -> ReLU ->
+        pool -> add, and its batch statistics are folded into ``bn2``'s running buffers exactly
+        as ``nn.BatchNorm2d`` does. Training and eval.
+
+        Args:
+            h: (N, C, H, W), with H_img = s*H and W_img = s*W for an integer s.
+            x: (N, C_img, H_img, W_img) the normalised image.
+            image_context: the op.
+            bn_weight, bn_bias: (C,) affine parameters of ``bn2`` to use instead of its own
+                (a caller may pass scaled ones); default ``bn2.weight``/``bn2.bias``.
+        """
+        u = F.relu(self.bn1(self.conv1(x)))
+        bn = self.bn2
+        out, mean, var = image_context(
+            h, u, self.conv2.weight, self.conv2.bias, bn.weight if bn_weight is None else bn_weight,
+            bn.bias if bn_bias is None else bn_bias, bn.running_mean, bn.running_var, bn.training, bn.eps)
+        update_running_stats(bn, mean, var, u.shape[0] * u.shape[2] * u.shape[3])
+        return out
 
 
 class ResidualEncoder(nn.Module):
@@ -161,64 +189,6 @@ class ResidualEncoder(nn.Module):
 def _integer_scale(src: Tensor, dst: Tensor) -> bool:
     (hs, ws), (hd, wd) = src.shape[-2:], dst.shape[-2:]
     return hs % hd == 0 and ws % wd == 0 and hs // hd == ws // wd
-
-
-class _ImageContextRecompute(torch.autograd.Function):
-    """E term through a fused tail, saving only the image: the encoder's convolutions run
-    on cuDNN/oneDNN in forward without autograd, and are recomputed in backward (the batch
-    statistics are recomputed identically, running statistics are updated once)."""
-
-    @staticmethod
-    def forward(ctx, h, x, tail, tail_backward, enc: ImageEncoder, *params):
-        with torch.no_grad():
-            t1 = enc.conv1(x)
-            if enc.bn1.training:
-                # one statistics pass serves the running-stat update and the normalisation
-                mean1, var1 = _bn_stats_update(enc.bn1, t1)
-                t1 = F.batch_norm(t1, mean1, var1, enc.bn1.weight, enc.bn1.bias, False, 0.0, enc.bn1.eps)
-            else:
-                t1 = enc.bn1(t1)
-            z = enc.conv2(F.relu(t1))
-            gamma2, beta2 = params[6], params[7]  # E's last BN affine (gate-scaled, if gated)
-            out, mean, var = tail(h, z, gamma2, beta2, enc.bn2.running_mean,
-                                  enc.bn2.running_var, enc.bn2.training, enc.bn2.eps)
-        update_running_stats(enc.bn2, mean, var, z.shape[0] * z.shape[2] * z.shape[3])
-        device_type = x.device.type
-        ctx.autocast = (device_type, torch.is_autocast_enabled(device_type),
-                        torch.get_autocast_dtype(device_type))
-        ctx.save_for_backward(x, mean, var, gamma2, beta2)
-        ctx.enc, ctx.tail_backward = enc, tail_backward
-        ctx.training = enc.bn1.training
-        return out
-
-    @staticmethod
-    def backward(ctx, grad_out):
-        x, mean, var, gamma2, beta2 = ctx.saved_tensors
-        enc = ctx.enc
-        params = [enc.conv1.weight, enc.conv1.bias, enc.bn1.weight, enc.bn1.bias,
-                  enc.conv2.weight, enc.conv2.bias]
-        device_type, enabled, dtype = ctx.autocast
-        with torch.enable_grad(), torch.autocast(device_type, dtype=dtype, enabled=enabled):
-            ps = [p.detach().requires_grad_() for p in params]
-            t1 = F.conv2d(x, ps[0], ps[1], padding=1)
-            if ctx.training:
-                u = F.relu(F.batch_norm(t1, None, None, ps[2], ps[3], True, 0.0, enc.bn1.eps))
-            else:
-                u = F.relu(F.batch_norm(t1, enc.bn1.running_mean, enc.bn1.running_var, ps[2], ps[3],
-                                        False, 0.0, enc.bn1.eps))
-            z = F.conv2d(u, ps[4], ps[5], padding=1)
-        grad_z, g_gamma, g_beta = ctx.tail_backward(grad_out, z.detach(), gamma2, beta2,
-                                                    mean, var, ctx.training, enc.bn2.eps)
-        grads = torch.autograd.grad(z, ps, grad_z)
-        return (grad_out, None, None, None, None, *grads, g_gamma, g_beta)
-
-
-@torch.no_grad()
-def _bn_stats_update(bn: nn.BatchNorm2d, t: Tensor) -> Tuple[Tensor, Tensor]:
-    """Batch mean and biased variance of ``t``, folded into ``bn``'s running buffers."""
-    mean, var = batch_norm_stats(t)
-    update_running_stats(bn, mean, var, t.shape[0] * t.shape[2] * t.shape[3])
-    return mean, var
 
 
 class BoundaryContext(nn.Module):
@@ -292,15 +262,7 @@ class BoundaryContext(nn.Module):
             for bn, c, mean, var in zip(bns, cs, means, vars_):
                 update_running_stats(bn, mean, var, c.shape[0] * c.shape[2] * c.shape[3])
         if self.image is not None:
-            if _integer_scale(x, h) and getattr(backend, "image_context_tail_backward", None):
-                enc = self.image
-                gamma2, beta2 = _scaled_affine(enc.bn2, g_image)
-                out = _ImageContextRecompute.apply(
-                    out, x, backend.image_context_tail, backend.image_context_tail_backward, enc,
-                    enc.conv1.weight, enc.conv1.bias, enc.bn1.weight, enc.bn1.bias,
-                    enc.conv2.weight, enc.conv2.bias, gamma2, beta2)
-            else:
-                out = out + _scaled(self.image(x, h.shape[-2:]), g_image)
+            out = self._image_term(out, x, backend.image_context, g_image)
         return out
 
     def _forward_eager(self, h: Tensor, inputs: Dict[int, Tensor], x: Tensor) -> Tensor:
@@ -309,10 +271,18 @@ class BoundaryContext(nn.Module):
         g_image, g_res = (scales[0], scales[1:]) if self.image is not None else (None, scales)
         out = h
         if self.image is not None:
-            out = out + _scaled(self.image(x, size), g_image)
+            out = self._image_term(out, x, image_context_chunked, g_image)
         for enc, g in zip(self.residual, g_res):
             out = out + _scaled(enc(inputs[enc.source], size), g)
         return out
+
+    def _image_term(self, out: Tensor, x: Tensor, image_context: Callable, g=None) -> Tensor:
+        """``out + g * E(x)``: the fused op when the image is an integer multiple s of the target
+        size (never materialising E's full-resolution second convolution), else the eager encoder."""
+        if _integer_scale(x, out):
+            gamma, beta = _scaled_affine(self.image.bn2, g)
+            return self.image.add_to(out, x, image_context, gamma, beta)
+        return out + _scaled(self.image(x, out.shape[-2:]), g)
 
 
 def _scaled(term: Tensor, g) -> Tensor:
