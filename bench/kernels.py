@@ -7,7 +7,9 @@ Each op is timed forward (training mode, autograd recording) and forward+backwar
 boundary shapes of the CIFAR ResNets, for every available fused backend, against:
 ``eager``, the same computation as ``nn`` modules (Conv1x1 -> BatchNorm2d -> ReLU ->
 avgpool -> add, ...), which is what ``backend="torch"`` runs; and ``compile``, that eager
-function under ``torch.compile``. Times are medians (``triton.testing.do_bench`` on CUDA,
+function under ``torch.compile``. The image-context op (``image_context``: E's second
+half, Conv3x3(12->C) -> BN -> ReLU -> avgpool -> add) is also timed on the ``torch``
+backend, whose batch-chunked recompute differs from the eager encoder. Times are medians (``triton.testing.do_bench`` on CUDA,
 ``perf_counter`` on CPU). Achieved bandwidth counts the bytes each op must move at the least
 (every input read once, every output written once) and is compared with a measured
 device-to-device copy. Writes ``bench/results/kernels_<device>.json``.
@@ -48,6 +50,8 @@ CASES = [
     Case("image_tail", 16, 16, 32, 1), Case("image_tail", 64, 64, 8, 4),
     Case("head_pool", 32, 32, 16, 1), Case("head_pool", 64, 64, 8, 1),
     Case("gap", 16, 16, 32, 1),
+    Case("image_context", 12, 16, 32, 1), Case("image_context", 12, 32, 16, 2),
+    Case("image_context", 12, 64, 8, 4),
 ]
 
 
@@ -57,7 +61,8 @@ class _Eager(nn.Module):
     def __init__(self, case: Case):
         super().__init__()
         self.case = case
-        self.conv = nn.Conv2d(case.c_src, case.c, 1) if case.op == "residual" else None
+        self.conv = {"residual": lambda: nn.Conv2d(case.c_src, case.c, 1),
+                     "image_context": lambda: nn.Conv2d(case.c_src, case.c, 3, padding=1)}.get(case.op, lambda: None)()
         self.bn = nn.BatchNorm2d(case.c) if case.op != "gap" else None
 
     def forward(self, src, h):
@@ -80,6 +85,9 @@ def _fused(case: Case, eager: _Eager, backend) -> Callable:
     if case.op == "image_tail":
         return lambda src, h: backend.image_context_tail(h, src, bn.weight, bn.bias, bn.running_mean,
                                                          bn.running_var, True, bn.eps)[0]
+    if case.op == "image_context":
+        return lambda src, h: backend.image_context(h, src, conv.weight, conv.bias, bn.weight, bn.bias,
+                                                    bn.running_mean, bn.running_var, True, bn.eps)[0]
     if case.op == "head_pool":
         return lambda src, h: backend.bn_relu_gap(src, bn.weight, bn.bias, bn.running_mean, bn.running_var,
                                                   True, bn.eps)[0]
@@ -91,13 +99,13 @@ def min_bytes(case: Case, n: int, itemsize: int, backward: bool) -> int:
     src = n * case.c_src * (case.hw * case.scale) ** 2 * itemsize
     dst = n * case.c * case.hw ** 2 * itemsize
     pooled = n * case.c * itemsize
-    fwd = {"residual": src + 2 * dst, "image_tail": src + 2 * dst, "head_pool": src + pooled,
-           "gap": src + pooled}[case.op]
+    fwd = {"residual": src + 2 * dst, "image_tail": src + 2 * dst, "image_context": src + 2 * dst,
+           "head_pool": src + pooled, "gap": src + pooled}[case.op]
     if not backward:
         return fwd
     # backward reads grad_out and the saved input; grad of z/h written where it exists
-    bwd = {"residual": src + dst, "image_tail": 2 * src + dst, "head_pool": 2 * src + pooled,
-           "gap": src + pooled}[case.op]
+    bwd = {"residual": src + dst, "image_tail": 2 * src + dst, "image_context": 2 * src + dst,
+           "head_pool": 2 * src + pooled, "gap": src + pooled}[case.op]
     return fwd + bwd
 
 
@@ -122,13 +130,15 @@ def bench_case(case: Case, n: int, dtype: torch.dtype, device: torch.device, bac
     src = torch.randn(n, case.c_src, case.hw * case.scale, case.hw * case.scale, generator=g).to(device, dtype)
     h = torch.randn(n, case.c, case.hw, case.hw, generator=g).to(device, dtype)
     eager = _Eager(case).to(device)
-    if case.op in ("image_tail", "head_pool", "gap"):
+    if case.op in ("image_tail", "image_context", "head_pool", "gap"):
         src.requires_grad_(True)
     impls: Dict[str, Callable] = {"eager": lambda s, hh: _autocast_call(eager, s, hh, dtype)}
     if compile_baseline:
         compiled = torch.compile(eager)
         impls["compile"] = lambda s, hh: _autocast_call(compiled, s, hh, dtype)
-    for b in backends:
+    # the torch backend's image-context op is a chunked recompute, not the eager composition
+    extra = ["torch"] if case.op == "image_context" and "torch" not in backends else []
+    for b in extra + backends:
         impls[b] = _fused(case, eager, resolve_backend(b, device))
     rows = []
     for impl, fn in impls.items():
@@ -171,6 +181,8 @@ def main(argv=None) -> List[dict]:
     p.add_argument("--dtypes", nargs="+", default=None, choices=["fp32", "bf16", "fp16"])
     p.add_argument("--backends", nargs="+", default=None)
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None)
+    p.add_argument("--ops", nargs="+", default=None,
+                   choices=sorted({c.op for c in CASES}), help="only these ops, every shape (default: all)")
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
     device = torch.device(args.device)
@@ -181,7 +193,9 @@ def main(argv=None) -> List[dict]:
     compile_baseline = (not args.quick) if args.compile is None else args.compile
     timer = _timer(device, args.quick)
     copy_bw = copy_bandwidth(device, timer)
-    cases = CASES[:1] + CASES[3:4] + CASES[5:6] + CASES[7:] if args.quick else CASES
+    cases = CASES[:1] + CASES[3:4] + CASES[5:6] + CASES[7:9] if args.quick else CASES
+    if args.ops:
+        cases = [c for c in CASES if c.op in args.ops]
     settings = dict(batches=batches, dtypes=dtypes, backends=backends, compile=compile_baseline,
                     quick=args.quick, copy_GBs=copy_bw / 1e9)
     print(f"settings: {settings}", flush=True)

@@ -52,6 +52,8 @@ __all__ = [
     "bn_relu_gap",
     "bn_relu_gap_backward",
     "global_avg_pool",
+    "image_context",
+    "image_context_backward",
 ]
 
 name = "native"
@@ -224,6 +226,38 @@ def _register() -> None:
         return dz, dg, db, None, None, None, None
 
     torch.library.register_autograd(lib + "bn_relu_gap", gap_backward, setup_context=gap_setup)
+
+    # -- image_context ---------------------------------------------------------------
+    @torch.library.register_fake(lib + "image_context")
+    def _(h, u, weight, bias, bn_weight, bn_bias, running_mean, running_var, training, eps):
+        C, K = h.shape[1], 9 * u.shape[1]
+        acc = _acc_dtype(h)
+        return (torch.empty_like(h), h.new_empty((C,), dtype=acc), h.new_empty((C,), dtype=acc),
+                h.new_empty((K + K * K,), dtype=acc))
+
+    @torch.library.register_fake(lib + "image_context_backward")
+    def _(grad_out, u, weight, bias, bn_weight, bn_bias, mean, var, patch_moments, training, eps):
+        return (torch.empty_like(u), weight.new_empty(weight.shape), bias.new_empty(bias.shape),
+                bn_weight.new_empty(bn_weight.shape), bn_bias.new_empty(bn_bias.shape))
+
+    def ic_setup(ctx, inputs, output):
+        _h, u, weight, bias, bn_weight, bn_bias, _rm, _rv, training, eps = inputs
+        _out, mean, var, moments = output
+        ctx.mark_non_differentiable(mean, var, moments)
+        ctx.training, ctx.eps = training, eps
+        ctx.save_for_backward(u, weight, bias, bn_weight, bn_bias, mean, var, moments)
+
+    def ic_backward(ctx, grad_out, _gm, _gv, _gmom):
+        u, weight, bias, g, b, mean, var, moments = ctx.saved_tensors
+        needs = ctx.needs_input_grad
+        grad_h = grad_out if needs[0] else None
+        du = dw = db = dg = dbeta = None
+        if any(needs[1:6]):
+            du, dw, db, dg, dbeta = _ops.image_context_backward(
+                grad_out, u, weight, bias, g, b, mean, var, moments, ctx.training, ctx.eps)
+        return grad_h, du, dw, db, dg, dbeta, None, None, None, None
+
+    torch.library.register_autograd(lib + "image_context", ic_backward, setup_context=ic_setup)
 
     # -- global_avg_pool -------------------------------------------------------------
     @torch.library.register_fake(lib + "global_avg_pool")
@@ -419,3 +453,90 @@ def global_avg_pool(h: Tensor) -> Tensor:
     """Global average pooling (N, C, H, W) -> (N, C) in ``h``'s dtype, with backward."""
     _require()
     return _ops.global_avg_pool(h)
+
+
+def image_context(
+    h: Tensor,
+    u: Tensor,
+    weight: Tensor,
+    bias: Optional[Tensor],
+    bn_weight: Optional[Tensor],
+    bn_bias: Optional[Tensor],
+    running_mean: Optional[Tensor],
+    running_var: Optional[Tensor],
+    training: bool,
+    eps: float = 1e-5,
+) -> Tuple[Tensor, Tensor, Tensor]:
+    """Second half of the image context encoder E fused with the boundary sum:
+    ``out = h + avgpool_s(relu(bn(conv3x3(u, weight, bias, padding=1))))`` -- see
+    :func:`contsup_fast.fused.reference.image_context_ref` (the specification; ContSup,
+    arXiv 2312.07636, Fig. 3 "E").
+
+    The full-resolution (N, C, s*H, s*W) convolution output is never materialised, in the
+    forward or the backward, in training or eval. Training statistics come from the moments
+    of the K = 9*C_in zero-padded 3x3 patches of ``u`` (mean_z = W mu + b,
+    var_z = diag(W S W^T)); the output pass and both backward passes recompute the
+    convolution row by row (CPU) or tile by tile (CUDA). Autograd saves ``u``, the
+    parameters, the (C,) statistics and the K + K^2 patch moments.
+
+    Args:
+        h: (N, C, H, W) detached module output; fp32/fp64/fp16/bf16, any memory format.
+        u: (N, C_in, s*H, s*W) hidden map of E (receives gradient), ``s`` a positive
+            integer; cast to ``h``'s dtype when it differs.
+        weight: (C, C_in, 3, 3) and ``bias`` (C,) of E's second convolution (receive
+            gradient); ``None`` bias means zeros.
+        bn_weight, bn_bias: E's last BatchNorm affine parameters (C,) (``None``: ones/zeros).
+        running_mean, running_var: its buffers (C,), read only when ``training=False``.
+        training: batch statistics (True) or running statistics (False).
+        eps: BatchNorm epsilon.
+
+    Returns:
+        ``(out, mean, var)``: ``out`` (N, C, H, W) in ``h``'s dtype and memory format; in
+        training the fp32 (fp64 for fp64 ``h``) batch mean and biased variance of the
+        convolution output over (N, s*H, s*W), in eval the running buffers passed in.
+        Gradients flow to ``u``, ``weight``, ``bias``, ``bn_weight``, ``bn_bias``
+        (``grad_out`` passes through to ``h`` unchanged, as in the reference).
+
+    Raises:
+        RuntimeError: the extension is unavailable, or a shape/dtype/device check fails
+            (the message names the argument, what was given and what is allowed).
+        ValueError: running statistics are missing in eval mode.
+    """
+    _require()
+    if isinstance(u, Tensor) and isinstance(h, Tensor) and u.dtype != h.dtype:
+        u = u.to(h.dtype)
+    C = h.shape[1] if isinstance(h, Tensor) and h.dim() > 1 else 0
+    like = weight if isinstance(weight, Tensor) else h
+    b = bias if bias is not None else like.new_zeros(C)
+    g, beta, rm, rv = _bn_params(bn_weight, bn_bias, running_mean, running_var, training, C, like,
+                                 "image_context")
+    out, mean, var, _moments = _ops.image_context(h, u, weight, b, g, beta, rm, rv, bool(training), float(eps))
+    if training:
+        return out, mean, var
+    return out, running_mean, running_var
+
+
+def image_context_backward(
+    grad_out: Tensor,
+    u: Tensor,
+    weight: Tensor,
+    bias: Tensor,
+    bn_weight: Tensor,
+    bn_bias: Tensor,
+    mean: Tensor,
+    var: Tensor,
+    patch_moments: Tensor,
+    training: bool,
+    eps: float = 1e-5,
+) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Gradients ``(grad_u, grad_weight, grad_bias, grad_bn_weight, grad_bn_bias)`` of
+    :func:`image_context` given ``grad_out`` (N, C, H, W).
+
+    ``mean``/``var`` are the statistics the forward used and ``patch_moments`` the fourth
+    output of ``torch.ops.contsup.image_context`` (K + K^2 values, K = 9*C_in: patch mean
+    and biased patch covariance in training, ignored in eval). ``grad_u`` has ``u``'s
+    shape, dtype and memory format; the parameter gradients have the parameters' dtypes.
+    """
+    _require()
+    return _ops.image_context_backward(grad_out, u, weight, bias, bn_weight, bn_bias, mean, var,
+                                       patch_moments, bool(training), float(eps))

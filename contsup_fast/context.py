@@ -13,20 +13,57 @@ where ``h_j`` is module j's output, ``x = a_0`` the normalised image and ``a_i``
 * ``RnE``: ``E`` plus the ``Rn`` terms without ``a_0`` (the image only goes through E).
 
 The encoders belong to module j+1 and are trained by its local loss.
+
+Context gate (an option of this library, not of the paper; see :data:`GATES`): every term
+``T`` may be scaled, ``a_{j+1} = h_j.detach() + sum_t g_t * T_t``. ``g = 1`` is the paper's
+form. Since every term ends in BN -> ReLU and ``g * relu(bn(z)) = relu(bn_{g*gamma, g*beta}(z))``
+for ``g >= 0``, the scale is applied by passing ``g * gamma`` and ``g * beta`` to the boundary
+ops: every backend (eager, Triton, C++/CUDA) supports it, and autograd gives ``g`` and
+``gamma, beta`` their exact gradients, with no kernel change.
 """
 from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .fused.reference import batch_norm_stats, update_running_stats
+from .fused.chunked import image_context_chunked
+from .fused.reference import update_running_stats
 
-__all__ = ["ContextSpec", "parse_context", "ImageEncoder", "ResidualEncoder", "BoundaryContext"]
+__all__ = ["ContextSpec", "parse_context", "ImageEncoder", "ResidualEncoder", "BoundaryContext",
+           "GATES", "check_gate"]
+
+#: context gates: None (the paper's form, g = 1), "ramp" (g = min(1, t / T) over the first T
+#: training steps, no parameters), "learned" (one learnable scalar per term, g = |theta|,
+#: theta initialised at ``gate_init``)
+GATES = (None, "ramp", "learned")
+
+
+def check_gate(gate, gate_steps, gate_init) -> None:
+    """Validate the context-gate options of :class:`~contsup_fast.LocalSequential`.
+
+    Raises:
+        ValueError: ``gate`` not in :data:`GATES`; ``gate="ramp"`` without an integer
+            ``gate_steps >= 1``; ``gate="learned"`` with a ``gate_init`` that is not a
+            positive finite number (|theta| has no gradient at 0).
+    """
+    if gate not in GATES:
+        raise ValueError(f"context_gate must be one of {GATES}, got {gate!r}")
+    if gate == "ramp" and (not isinstance(gate_steps, int) or isinstance(gate_steps, bool) or gate_steps < 1):
+        raise ValueError(f"context_gate='ramp' needs context_gate_steps, an integer >= 1 (the "
+                         f"training steps over which the gate rises from 0 to 1), got {gate_steps!r}")
+    if gate == "learned":
+        try:
+            ok = float(gate_init) > 0 and float(gate_init) != float("inf")
+        except (TypeError, ValueError):
+            ok = False
+        if not ok:
+            raise ValueError(f"context_gate_init must be a positive finite number (the initial "
+                             f"learned gate), got {gate_init!r}")
 
 
 @dataclass(frozen=True)
@@ -99,8 +136,35 @@ class ImageEncoder(nn.Module):
         self.bn2 = nn.BatchNorm2d(out_channels)
 
     def forward(self, x: Tensor, size: Sequence[int]) -> Tensor:
+        """The eager encoder (reference): materialises the (N, C, H_img, W_img) second convolution."""
         z = self.conv2(F.relu(self.bn1(self.conv1(x))))
         return _pool(F.relu(self.bn2(z)), size)
+
+    def add_to(self, h: Tensor, x: Tensor, image_context: Callable,
+               bn_weight: Optional[Tensor] = None, bn_bias: Optional[Tensor] = None) -> Tensor:
+        """``h + self(x, h.shape[-2:])`` through a fused image-context op, without the
+        full-resolution output of the second convolution.
+
+        The first convolution, its BatchNorm and ReLU run eagerly (12 channels at the image
+        resolution: ``u``); ``image_context`` (a backend's op with the signature of
+        :func:`~contsup_fast.fused.reference.image_context_ref`) does conv2 -> BN -> ReLU ->
+        pool -> add, and its batch statistics are folded into ``bn2``'s running buffers exactly
+        as ``nn.BatchNorm2d`` does. Training and eval.
+
+        Args:
+            h: (N, C, H, W), with H_img = s*H and W_img = s*W for an integer s.
+            x: (N, C_img, H_img, W_img) the normalised image.
+            image_context: the op.
+            bn_weight, bn_bias: (C,) affine parameters of ``bn2`` to use instead of its own
+                (a caller may pass scaled ones); default ``bn2.weight``/``bn2.bias``.
+        """
+        u = F.relu(self.bn1(self.conv1(x)))
+        bn = self.bn2
+        out, mean, var = image_context(
+            h, u, self.conv2.weight, self.conv2.bias, bn.weight if bn_weight is None else bn_weight,
+            bn.bias if bn_bias is None else bn_bias, bn.running_mean, bn.running_var, bn.training, bn.eps)
+        update_running_stats(bn, mean, var, u.shape[0] * u.shape[2] * u.shape[3])
+        return out
 
 
 class ResidualEncoder(nn.Module):
@@ -127,63 +191,6 @@ def _integer_scale(src: Tensor, dst: Tensor) -> bool:
     return hs % hd == 0 and ws % wd == 0 and hs // hd == ws // wd
 
 
-class _ImageContextRecompute(torch.autograd.Function):
-    """E term through a fused tail, saving only the image: the encoder's convolutions run
-    on cuDNN/oneDNN in forward without autograd, and are recomputed in backward (the batch
-    statistics are recomputed identically, running statistics are updated once)."""
-
-    @staticmethod
-    def forward(ctx, h, x, tail, tail_backward, enc: ImageEncoder, *params):
-        with torch.no_grad():
-            t1 = enc.conv1(x)
-            if enc.bn1.training:
-                # one statistics pass serves the running-stat update and the normalisation
-                mean1, var1 = _bn_stats_update(enc.bn1, t1)
-                t1 = F.batch_norm(t1, mean1, var1, enc.bn1.weight, enc.bn1.bias, False, 0.0, enc.bn1.eps)
-            else:
-                t1 = enc.bn1(t1)
-            z = enc.conv2(F.relu(t1))
-            out, mean, var = tail(h, z, enc.bn2.weight, enc.bn2.bias, enc.bn2.running_mean,
-                                  enc.bn2.running_var, enc.bn2.training, enc.bn2.eps)
-        update_running_stats(enc.bn2, mean, var, z.shape[0] * z.shape[2] * z.shape[3])
-        device_type = x.device.type
-        ctx.autocast = (device_type, torch.is_autocast_enabled(device_type),
-                        torch.get_autocast_dtype(device_type))
-        ctx.save_for_backward(x, mean, var)
-        ctx.enc, ctx.tail_backward = enc, tail_backward
-        ctx.training = enc.bn1.training
-        return out
-
-    @staticmethod
-    def backward(ctx, grad_out):
-        x, mean, var = ctx.saved_tensors
-        enc = ctx.enc
-        params = [enc.conv1.weight, enc.conv1.bias, enc.bn1.weight, enc.bn1.bias,
-                  enc.conv2.weight, enc.conv2.bias]
-        device_type, enabled, dtype = ctx.autocast
-        with torch.enable_grad(), torch.autocast(device_type, dtype=dtype, enabled=enabled):
-            ps = [p.detach().requires_grad_() for p in params]
-            t1 = F.conv2d(x, ps[0], ps[1], padding=1)
-            if ctx.training:
-                u = F.relu(F.batch_norm(t1, None, None, ps[2], ps[3], True, 0.0, enc.bn1.eps))
-            else:
-                u = F.relu(F.batch_norm(t1, enc.bn1.running_mean, enc.bn1.running_var, ps[2], ps[3],
-                                        False, 0.0, enc.bn1.eps))
-            z = F.conv2d(u, ps[4], ps[5], padding=1)
-        grad_z, g_gamma, g_beta = ctx.tail_backward(grad_out, z.detach(), enc.bn2.weight, enc.bn2.bias,
-                                                    mean, var, ctx.training, enc.bn2.eps)
-        grads = torch.autograd.grad(z, ps, grad_z)
-        return (grad_out, None, None, None, None, *grads, g_gamma, g_beta)
-
-
-@torch.no_grad()
-def _bn_stats_update(bn: nn.BatchNorm2d, t: Tensor) -> Tuple[Tensor, Tensor]:
-    """Batch mean and biased variance of ``t``, folded into ``bn``'s running buffers."""
-    mean, var = batch_norm_stats(t)
-    update_running_stats(bn, mean, var, t.shape[0] * t.shape[2] * t.shape[3])
-    return mean, var
-
-
 class BoundaryContext(nn.Module):
     """The context terms added at one boundary, owned by the local module they feed.
 
@@ -198,10 +205,30 @@ class BoundaryContext(nn.Module):
     """
 
     def __init__(self, target_channels: int, image_channels: Optional[int],
-                 residual: Sequence[Tuple[int, int]]):
+                 residual: Sequence[Tuple[int, int]], gate: Optional[str] = None,
+                 gate_init: float = 0.1):
         super().__init__()
+        if gate not in GATES:
+            raise ValueError(f"gate must be one of {GATES}, got {gate!r}")
         self.image = ImageEncoder(image_channels, target_channels) if image_channels else None
         self.residual = nn.ModuleList(ResidualEncoder(c, target_channels, i) for i, c in residual)
+        self.gate_mode = gate
+        if gate == "ramp":  # g in [0, 1], set by LocalSequential from its step count
+            self.register_buffer("ramp", torch.ones(()), persistent=False)
+        n_terms = (self.image is not None) + len(self.residual)
+        # one learnable scalar per term, E first then the R terms in order
+        self.gate = nn.Parameter(torch.full((n_terms,), float(gate_init))) if gate == "learned" else None
+
+    def scales(self) -> List[Optional[Tensor]]:
+        """The scale of each term (E first, then R terms): None for the paper's form (g = 1),
+        else a 0-dim tensor or float ``g >= 0``."""
+        n_terms = (self.image is not None) + len(self.residual)
+        if self.gate_mode == "learned":
+            g = self.gate.abs()
+            return [g[t] for t in range(n_terms)]
+        if self.gate_mode == "ramp":
+            return [self.ramp] * n_terms
+        return [None] * n_terms
 
     @property
     def sources(self) -> List[int]:
@@ -210,41 +237,61 @@ class BoundaryContext(nn.Module):
     def describe(self) -> str:
         terms = (["E(x)"] if self.image is not None else []) + [
             f"R(a_{i})" if i else "R(x)" for i in self.sources]
+        if self.gate_mode is not None:
+            terms = [f"g*{t}" for t in terms]
         return " + ".join(terms) if terms else "none"
 
     def forward(self, h: Tensor, inputs: Dict[int, Tensor], x: Tensor, backend) -> Tensor:
         if backend.name == "torch":
             return self._forward_eager(h, inputs, x)
+        scales = self.scales()
+        g_image, g_res = (scales[0], scales[1:]) if self.image is not None else (None, scales)
         out = h
-        fused = [e for e in self.residual if _integer_scale(inputs[e.source], h)]
-        for enc in self.residual:
-            if enc not in fused:
-                out = out + enc(inputs[enc.source], h.shape[-2:])
+        fused = [(e, g) for e, g in zip(self.residual, g_res) if _integer_scale(inputs[e.source], h)]
+        for enc, g in zip(self.residual, g_res):
+            if not _integer_scale(inputs[enc.source], h):
+                out = out + _scaled(enc(inputs[enc.source], h.shape[-2:]), g)
         if fused:
-            cs = [inputs[e.source] for e in fused]
-            bns = [e.bn for e in fused]
+            cs = [inputs[e.source] for e, _ in fused]
+            bns = [e.bn for e, _ in fused]
+            affine = [_scaled_affine(e.bn, g) for e, g in fused]
             out, means, vars_ = backend.residual_context(
-                out, cs, [e.conv.weight for e in fused], [e.conv.bias for e in fused],
-                [b.weight for b in bns], [b.bias for b in bns], [b.running_mean for b in bns],
+                out, cs, [e.conv.weight for e, _ in fused], [e.conv.bias for e, _ in fused],
+                [w for w, _ in affine], [b for _, b in affine], [b.running_mean for b in bns],
                 [b.running_var for b in bns], self.training, bns[0].eps)
             for bn, c, mean, var in zip(bns, cs, means, vars_):
                 update_running_stats(bn, mean, var, c.shape[0] * c.shape[2] * c.shape[3])
         if self.image is not None:
-            if _integer_scale(x, h) and getattr(backend, "image_context_tail_backward", None):
-                enc = self.image
-                out = _ImageContextRecompute.apply(
-                    out, x, backend.image_context_tail, backend.image_context_tail_backward, enc,
-                    enc.conv1.weight, enc.conv1.bias, enc.bn1.weight, enc.bn1.bias,
-                    enc.conv2.weight, enc.conv2.bias, enc.bn2.weight, enc.bn2.bias)
-            else:
-                out = out + self.image(x, h.shape[-2:])
+            out = self._image_term(out, x, backend.image_context, g_image)
         return out
 
     def _forward_eager(self, h: Tensor, inputs: Dict[int, Tensor], x: Tensor) -> Tensor:
         size = h.shape[-2:]
+        scales = self.scales()
+        g_image, g_res = (scales[0], scales[1:]) if self.image is not None else (None, scales)
         out = h
         if self.image is not None:
-            out = out + self.image(x, size)
-        for enc in self.residual:
-            out = out + enc(inputs[enc.source], size)
+            out = self._image_term(out, x, image_context_chunked, g_image)
+        for enc, g in zip(self.residual, g_res):
+            out = out + _scaled(enc(inputs[enc.source], size), g)
         return out
+
+    def _image_term(self, out: Tensor, x: Tensor, image_context: Callable, g=None) -> Tensor:
+        """``out + g * E(x)``: the fused op when the image is an integer multiple s of the target
+        size (never materialising E's full-resolution second convolution), else the eager encoder."""
+        if _integer_scale(x, out):
+            gamma, beta = _scaled_affine(self.image.bn2, g)
+            return self.image.add_to(out, x, image_context, gamma, beta)
+        return out + _scaled(self.image(x, out.shape[-2:]), g)
+
+
+def _scaled(term: Tensor, g) -> Tensor:
+    """``g * term`` (the paper's form when ``g`` is None)."""
+    return term if g is None else term * g
+
+
+def _scaled_affine(bn: nn.BatchNorm2d, g) -> Tuple[Tensor, Tensor]:
+    """BatchNorm affine parameters that apply the gate inside BN -> ReLU (valid for g >= 0)."""
+    if g is None:
+        return bn.weight, bn.bias
+    return bn.weight * g, bn.bias * g

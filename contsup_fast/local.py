@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .context import BoundaryContext, ContextSpec, parse_context
+from .context import BoundaryContext, ContextSpec, check_gate, parse_context
 from .cuda_graphs import GraphedLocalSteps, require_cuda_graphs_support
 from .fused import BACKENDS, resolve_backend
 from .heads import AUX_CONFIGS, AuxiliaryHead
@@ -106,14 +106,24 @@ class LocalSequential(nn.Module):
         input_size: (C, H, W) of one example (used once to measure shapes).
         image_mean, image_std: the input normalisation, used to de-normalise the image for
             the reconstruction loss.
+        context_gate: None (default, the paper's exact form ``a = h + sum_t T_t``), ``"ramp"``
+            (every term scaled by ``g = min(1, t / context_gate_steps)``, t the training steps
+            taken so far, kept in the buffer ``context_gate_step`` so resume is exact; after the
+            ramp the model is the paper's form) or ``"learned"`` (one learnable scalar per term,
+            ``g = |theta|``, parameters named ``*.context.gate``, theta starts at
+            ``context_gate_init``; exclude them from weight decay). See
+            :mod:`contsup_fast.context` and README "Accuracy" for the measured effect.
+        context_gate_steps: length of the ramp in training steps (``"ramp"`` only).
+        context_gate_init: initial theta of ``"learned"`` gates (> 0).
         cuda_graphs: capture each local module's training step (context, body, local loss,
             backward) as a CUDA graph after two eager steps and replay it (fixed input shapes;
             see :mod:`contsup_fast.cuda_graphs`). For small models where launch overhead dominates.
 
     Raises:
-        ValueError: bad K, context, n, aux, loss, split, backend or cuda_graphs (the message says
-            what is allowed); :class:`~contsup_fast.splitting.UnsplittableModelError` for a model
-            that cannot be traced or cut. RuntimeError: ``cuda_graphs=True`` without a CUDA GPU.
+        ValueError: bad K, context, n, aux, loss, split, backend, context gate or cuda_graphs (the
+            message says what is allowed); :class:`~contsup_fast.splitting.UnsplittableModelError`
+            for a model that cannot be traced or cut. RuntimeError: ``cuda_graphs=True`` without
+            a CUDA GPU.
     """
 
     def __init__(self, model: nn.Module, K: int = 16, context: str = "RnE", n: Optional[int] = None,
@@ -122,7 +132,8 @@ class LocalSequential(nn.Module):
                  split: Union[None, str, Sequence[Union[int, str]]] = None, backend: str = "auto",
                  feature_dim: int = 128, input_size: Sequence[int] = (3, 32, 32),
                  image_mean: Sequence[float] = CIFAR10_MEAN, image_std: Sequence[float] = CIFAR10_STD,
-                 cuda_graphs: bool = False):
+                 context_gate: Optional[str] = None, context_gate_steps: Optional[int] = None,
+                 context_gate_init: float = 0.1, cuda_graphs: bool = False):
         super().__init__()
         if not isinstance(cuda_graphs, bool):
             raise ValueError(f"cuda_graphs must be True or False, got {cuda_graphs!r}")
@@ -137,6 +148,9 @@ class LocalSequential(nn.Module):
             raise ValueError(f"loss must be one of {LOSSES}, got {loss!r}")
         if backend not in BACKENDS:
             raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+        check_gate(context_gate, context_gate_steps, context_gate_init)
+        self.context_gate, self.context_gate_steps = context_gate, context_gate_steps
+        self.context_gate_init = float(context_gate_init)
         if len(input_size) != 3:
             raise ValueError(f"input_size must be (C, H, W), got {tuple(input_size)!r}")
         self.K, self.aux, self.loss_name, self.backend_name = K, aux, loss, backend
@@ -151,6 +165,8 @@ class LocalSequential(nn.Module):
         self.num_classes = out_shape[1]
         self.reconstruct_weights = self._reconstruct_weights(model, reconstruct, reconstruct_weights)
         self.local_modules = nn.ModuleList(self._build_modules(plan, feature_dim, reconstruct))
+        if context_gate == "ramp":
+            self.register_buffer("context_gate_step", torch.zeros((), dtype=torch.int64))
         device = next(self.parameters()).device
         self._backends: Dict[torch.device, object] = {device: resolve_backend(backend, device)}
         self._graphed = GraphedLocalSteps(self) if cuda_graphs else None
@@ -180,7 +196,8 @@ class LocalSequential(nn.Module):
                 boundary = j - 1
                 context = BoundaryContext(
                     out_shapes[boundary][0], self.input_size[0] if spec.image else None,
-                    [(i, input_channels[i]) for i in spec.sources(boundary)])
+                    [(i, input_channels[i]) for i in spec.sources(boundary)],
+                    gate=self.context_gate, gate_init=self.context_gate_init)
             head = decoder = None
             if j < K - 1:
                 c = out_shapes[j][0]
@@ -301,10 +318,25 @@ class LocalSequential(nn.Module):
             loss = loss.detach()
         return out.detach(), a.detach(), loss
 
+    @torch.no_grad()
+    def _set_ramp(self) -> None:
+        """Write the ramp gate ``g = min(1, t / context_gate_steps)`` into every boundary (on the
+        device, no host synchronisation)."""
+        if self.context_gate != "ramp":
+            return
+        g = (self.context_gate_step.float() / self.context_gate_steps).clamp(max=1.0)
+        for m in self.local_modules:
+            if m.context is not None:
+                m.context.ramp.copy_(g)
+
     def _run(self, x: Tensor, y: Optional[Tensor], scaler, train: bool) -> LocalOutput:
         backend = self.backend_for(x.device)
+        self._set_ramp()
         if train and self._graphed is not None:
-            return self._graphed(x, y, scaler, backend)
+            out = self._graphed(x, y, scaler, backend)
+            if self.context_gate == "ramp":
+                self.context_gate_step += 1
+            return out
         keep = self.spec.n  # how many module inputs a_i later boundaries still read
         inputs: Dict[int, Tensor] = {}
         losses: List[Tensor] = []
@@ -317,6 +349,8 @@ class LocalSequential(nn.Module):
                 inputs[m.index] = a
                 inputs.pop(m.index - keep, None)
             del a
+        if train and self.context_gate == "ramp":
+            self.context_gate_step += 1
         loss_vec = torch.stack(losses) if losses else torch.empty(0, device=x.device)
         return LocalOutput(logits=h, loss=loss_vec[-1] if losses else loss_vec, local_losses=loss_vec)
 
@@ -324,6 +358,7 @@ class LocalSequential(nn.Module):
     def to_module(self) -> "ContSupInference":
         """A plain ``nn.Module`` for inference (a deep copy in eval mode, eager ops only) that
         returns the same logits as ``local.eval()(x)`` and that ``torch.export`` accepts."""
+        self._set_ramp()
         return ContSupInference(self).eval()
 
     def summary(self) -> str:
@@ -341,7 +376,8 @@ class LocalSequential(nn.Module):
 
     def __repr__(self) -> str:
         backends = ", ".join(f"{d}: {b.name}" for d, b in self._backends.items())
-        head = (f"LocalSequential(K={self.K}, context={self.spec.name}, aux={self.aux}, loss={self.loss_name}, "
+        gate = f", context_gate={self.context_gate}" if self.context_gate else ""
+        head = (f"LocalSequential(K={self.K}, context={self.spec.name}{gate}, aux={self.aux}, loss={self.loss_name}, "
                 f"split={self.split_source}, backend={self.backend_name} [{backends}])")
         return head + "\n" + self.summary()
 

@@ -1,16 +1,34 @@
-"""Memory accounting for a training step.
+"""Memory accounting for a training step: the saved-tensor peak and the true allocation peak.
 
-:class:`SavedTensorMeter` measures the peak of *live saved-for-backward bytes* with
-``torch.autograd.graph.saved_tensors_hooks``: every tensor autograd saves is counted once
-per storage (views and repeated saves share), from the moment it is saved until its graph is
-freed (after the local backward that consumes it). Parameters and buffers are excluded: this
-is the activation memory that greedy local learning exists to cut, and it works on any
-device, CPU included. On CUDA, :func:`measure_step` also reports
-``torch.cuda.max_memory_allocated`` (everything: weights, gradients, optimizer-free).
+Two measures, reported side by side and labelled:
 
-Command: ``python -m contsup_fast.memory`` prints, for resnet32 and resnet110, the
-saved-activation peak of E2E (K=1) and of K = 2, 4, 8, 16 for each context mode, and its
-ratio to E2E, and can write the table as JSON.
+* **saved peak** (:class:`SavedTensorMeter`): the peak of *live saved-for-backward bytes*,
+  from ``torch.autograd.graph.saved_tensors_hooks``. Every tensor autograd saves is counted
+  once per storage (views and repeated saves share), from the moment it is saved until its
+  graph is freed. Parameters and buffers are excluded. It is what activation checkpointing
+  and greedy local learning cut, but it is a lower bound of what a step really holds.
+* **true peak** (:class:`AllocationPeak`): the peak of *every tensor allocation* of the step,
+  above what was allocated when it started. On CPU it sums the bytes of the allocator events
+  that ``torch.profiler`` records with ``profile_memory=True`` (the ``[memory]`` events, +bytes
+  on allocation, -bytes on free) in time order and takes the maximum of the running sum; on
+  CUDA it is ``torch.cuda.max_memory_allocated`` after ``reset_peak_memory_stats``, minus the
+  bytes allocated at the start.
+
+  The true peak **includes** everything the step allocates while it runs: activations (saved
+  or not), activation gradients, the workspaces and temporaries of every op (convolution
+  im2col buffers, recomputation in backward, BatchNorm statistics), context-encoder outputs,
+  the losses, and the parameter gradients created by the step (``.grad`` is allocated on the
+  first backward that reaches a parameter when it was None, so zero gradients with
+  ``set_to_none=True`` before measuring to count them). It **leaves out** what exists before
+  the step starts: the parameters and buffers, gradients that already exist (accumulated
+  into in place), the optimizer state, and the input batch; and on CPU memory that is not a
+  tensor allocation (Python objects, the allocator's caching, library-internal buffers such
+  as oneDNN's primitive caches). On CUDA it also counts the caching allocator's rounding of
+  each block (to 512 bytes), on CPU the exact requested bytes.
+
+Command: ``python -m contsup_fast.memory`` prints, for resnet32 and resnet110, the saved and
+the true peak of E2E (K=1) and of K = 2, 4, 8, 16 for each context mode, each with its ratio
+to E2E, and can write the table as JSON.
 """
 from __future__ import annotations
 
@@ -22,8 +40,10 @@ from typing import Dict, Iterable, List, Optional
 
 import torch
 from torch import Tensor, nn
+from torch.autograd import DeviceType
+from torch.profiler import ProfilerActivity, profile
 
-__all__ = ["SavedTensorMeter", "StepMemory", "measure_step", "memory_table", "main"]
+__all__ = ["SavedTensorMeter", "AllocationPeak", "StepMemory", "measure_step", "memory_table", "main"]
 
 
 class _Handle:
@@ -95,39 +115,124 @@ class SavedTensorMeter:
         self._hooks.__exit__(*exc)
 
 
+class AllocationPeak:
+    """Context manager measuring the true allocation peak of the code it wraps (bytes).
+
+    On CPU it runs ``torch.profiler.profile(activities=[CPU], profile_memory=True)`` and, on
+    exit, sums the ``[memory]`` allocator events of CPU tensors in time order; on CUDA it
+    resets the peak statistics of ``device`` and reads ``torch.cuda.max_memory_allocated``.
+    See the module docstring for what the true peak includes and leaves out.
+
+    Args:
+        device: the device whose allocations are counted (``"cpu"`` or a CUDA device).
+        timeline: CPU only: also keep ``(time_ns, live_bytes)`` after every allocator event
+            in :attr:`timeline` (to find what is live at the peak).
+
+    Attributes:
+        peak: maximum bytes allocated above the level at entry (int, set on exit).
+        end: bytes still allocated at exit above the level at entry (parameter gradients...).
+        peak_ns: CPU only: profiler timestamp of the peak (ns), else None.
+        timeline: list of ``(time_ns, live_bytes)`` when asked for, else None.
+        source: ``"profiler"`` (CPU) or ``"cuda"``.
+
+    Raises:
+        ValueError: ``device`` is neither CPU nor CUDA.
+        RuntimeError: another ``torch.profiler`` session is active (CPU).
+    """
+
+    def __init__(self, device: torch.device | str = "cpu", timeline: bool = False):
+        self.device = torch.device(device)
+        if self.device.type not in ("cpu", "cuda"):
+            raise ValueError(f"device must be a CPU or CUDA device, got {str(device)!r}")
+        self.keep_timeline = timeline
+        self.source = "cuda" if self.device.type == "cuda" else "profiler"
+        self.peak = self.end = 0
+        self.peak_ns: Optional[int] = None
+        self.timeline: Optional[List[tuple]] = None
+        self._prof = None
+        self._base = 0
+
+    def __enter__(self) -> "AllocationPeak":
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self._base = torch.cuda.memory_allocated(self.device)
+        else:
+            self._prof = profile(activities=[ProfilerActivity.CPU], profile_memory=True)
+            self._prof.__enter__()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            self.peak = torch.cuda.max_memory_allocated(self.device) - self._base
+            self.end = torch.cuda.memory_allocated(self.device) - self._base
+            return
+        self._prof.__exit__(*exc)
+        events = [(e.start_ns(), e.nbytes()) for e in self._prof.profiler.kineto_results.events()
+                  if e.name() == "[memory]" and e.device_type() == DeviceType.CPU]
+        self._prof = None
+        self._summarise(events)
+
+    def _summarise(self, events: List[tuple]) -> None:
+        events.sort(key=lambda e: e[0])  # stable: same-time events keep their recorded order
+        live = peak = 0
+        peak_ns = None
+        timeline = [] if self.keep_timeline else None
+        for t, nbytes in events:
+            live += nbytes
+            if live > peak:
+                peak, peak_ns = live, t
+            if timeline is not None:
+                timeline.append((t, live))
+        self.peak, self.end, self.peak_ns, self.timeline = peak, live, peak_ns, timeline
+
+
 @dataclass
 class StepMemory:
-    """Memory of one training step: ``saved_peak`` (bytes, saved-tensor hooks) and, on CUDA,
-    ``cuda_peak`` (bytes, ``torch.cuda.max_memory_allocated`` during the step) else None."""
+    """Memory of one training step (bytes).
+
+    Attributes:
+        saved_peak: peak of live saved-for-backward bytes (:class:`SavedTensorMeter`).
+        true_peak: peak of all tensor allocations (:class:`AllocationPeak`: profiler
+            allocator events on CPU, ``max_memory_allocated`` on CUDA).
+        true_source: ``"profiler"`` or ``"cuda"``, how ``true_peak`` was measured.
+    """
 
     saved_peak: int
-    cuda_peak: Optional[int]
+    true_peak: int
+    true_source: str
+
+    @property
+    def cuda_peak(self) -> Optional[int]:
+        """``true_peak`` when measured with ``torch.cuda.max_memory_allocated``, else None."""
+        return self.true_peak if self.true_source == "cuda" else None
 
 
 def measure_step(local: nn.Module, x: Tensor, y: Tensor) -> StepMemory:
     """Run one training step ``local(x, y)`` and return its :class:`StepMemory`.
 
-    ``local`` is a :class:`~contsup_fast.LocalSequential` (K=1 for end-to-end); gradients
-    are accumulated into ``.grad`` as in a real step, so zero them before and after.
+    ``local`` is a :class:`~contsup_fast.LocalSequential` (K=1 for end-to-end). Gradients are
+    set to None first, so the parameter gradients the step creates count in the true peak,
+    and accumulate into ``.grad`` as in a real step. The saved and the true peak come from
+    the same step (the saved-tensor hooks do not allocate tensors).
     """
     weights = list(local.parameters()) + list(local.buffers())
-    cuda = x.is_cuda
-    if cuda:
-        torch.cuda.synchronize(x.device)
-        torch.cuda.reset_peak_memory_stats(x.device)
-        base = torch.cuda.memory_allocated(x.device)
-    with SavedTensorMeter(ignore=weights) as meter:
+    for p in local.parameters():
+        p.grad = None
+    with AllocationPeak(x.device) as true, SavedTensorMeter(ignore=weights) as meter:
         local(x, y)
-    cuda_peak = None
-    if cuda:
-        torch.cuda.synchronize(x.device)
-        cuda_peak = torch.cuda.max_memory_allocated(x.device) - base
-    return StepMemory(saved_peak=meter.peak, cuda_peak=cuda_peak)
+    return StepMemory(saved_peak=meter.peak, true_peak=true.peak, true_source=true.source)
 
 
 def memory_table(models: List[str], Ks: List[int], contexts: List[str], batch: int, device: str,
-                 backend: str = "torch", seed: int = 0) -> List[dict]:
-    """Measure E2E and every (model, K, context) once; return rows with ratios to E2E."""
+                 backend: str = "torch", seed: int = 0, warmup: int = 1) -> List[dict]:
+    """Measure E2E and every (model, K, context) once; return rows with ratios to E2E.
+
+    Each configuration runs ``warmup`` unmeasured training steps first (one-time allocations
+    of the first call are not part of a step's peak), then one measured step. Rows hold the
+    saved peak and the true peak (MiB) and each one's ratio to E2E's.
+    """
     from .local import LocalSequential
     from .models import build_model
 
@@ -140,6 +245,8 @@ def memory_table(models: List[str], Ks: List[int], contexts: List[str], batch: i
         for K, context in [(1, "R0")] + [(K, c) for K in Ks for c in contexts]:
             torch.manual_seed(seed)
             local = LocalSequential(build_model(name), K=K, context=context, backend=backend).to(device)
+            for _ in range(warmup):
+                local(x, y)
             mem = measure_step(local, x, y)
             if e2e is None:
                 e2e = mem
@@ -148,8 +255,9 @@ def memory_table(models: List[str], Ks: List[int], contexts: List[str], batch: i
                 "backend": local.backend_for(x.device).name, "batch": batch,
                 "saved_peak_MiB": mem.saved_peak / 2**20,
                 "saved_ratio": mem.saved_peak / e2e.saved_peak,
-                "cuda_peak_MiB": None if mem.cuda_peak is None else mem.cuda_peak / 2**20,
-                "cuda_ratio": None if mem.cuda_peak is None else mem.cuda_peak / e2e.cuda_peak,
+                "true_peak_MiB": mem.true_peak / 2**20,
+                "true_ratio": mem.true_peak / e2e.true_peak,
+                "true_source": mem.true_source,
             })
             del local
     return rows
@@ -157,34 +265,46 @@ def memory_table(models: List[str], Ks: List[int], contexts: List[str], batch: i
 
 def format_table(rows: List[dict]) -> str:
     """Rows of :func:`memory_table` as an aligned text table."""
-    head = ["model", "K", "context", "backend", "saved MiB", "vs E2E", "CUDA MiB", "vs E2E"]
+    head = ["model", "K", "context", "backend", "saved MiB", "vs E2E", "true MiB", "vs E2E"]
     lines = [head]
     for r in rows:
         lines.append([r["model"], str(r["K"]), r["context"], r["backend"], f"{r['saved_peak_MiB']:.1f}",
-                      f"{r['saved_ratio']:.1%}",
-                      "-" if r["cuda_peak_MiB"] is None else f"{r['cuda_peak_MiB']:.1f}",
-                      "-" if r["cuda_ratio"] is None else f"{r['cuda_ratio']:.1%}"])
+                      f"{r['saved_ratio']:.1%}", f"{r['true_peak_MiB']:.1f}", f"{r['true_ratio']:.1%}"])
     widths = [max(len(line[i]) for line in lines) for i in range(len(head))]
     return "\n".join("  ".join(c.rjust(w) for c, w in zip(line, widths)) for line in lines)
 
 
+MEASURES = ("saved MiB: peak of live saved-for-backward bytes (saved-tensor hooks, weights excluded); "
+            "true MiB: peak of all tensor allocations of the step above its start ({source}), "
+            "activation gradients, workspaces and new parameter gradients included, "
+            "parameters, optimizer state and the input batch left out")
+
+
 def main(argv: Optional[List[str]] = None) -> List[dict]:
     """``python -m contsup_fast.memory``: print the E2E vs K table (see module docstring)."""
-    p = argparse.ArgumentParser(description="Saved-activation peak of one training step: E2E vs LocalSequential")
+    p = argparse.ArgumentParser(description="Saved and true memory peak of one training step: E2E vs LocalSequential")
     p.add_argument("--models", nargs="+", default=["resnet32", "resnet110"])
     p.add_argument("--K", nargs="+", type=int, default=[2, 4, 8, 16])
     p.add_argument("--contexts", nargs="+", default=["R0", "E", "R1", "R1E"])
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--backend", default="torch", choices=["auto", "torch", "triton", "native"])
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--warmup", type=int, default=1, help="unmeasured steps before the measured one")
     p.add_argument("--json", default=None, help="write the rows, versions and settings here")
     args = p.parse_args(argv)
-    rows = memory_table(args.models, args.K, args.contexts, args.batch, args.device, args.backend)
+    try:
+        rows = memory_table(args.models, args.K, args.contexts, args.batch, args.device, args.backend,
+                            warmup=args.warmup)
+    except (ValueError, RuntimeError) as exc:  # bad model/K/context/backend: one line, no traceback
+        p.exit(2, f"error: {exc}\n")
     print(format_table(rows))
+    source = ("profiler allocator events, CPU" if rows[0]["true_source"] == "profiler"
+              else "torch.cuda.max_memory_allocated")
+    print(MEASURES.format(source=source))
     if args.json:
         meta = {"torch": torch.__version__, "python": platform.python_version(), "device": args.device,
                 "device_name": torch.cuda.get_device_name() if args.device.startswith("cuda") else platform.processor(),
-                "settings": vars(args)}
+                "measures": MEASURES.format(source=source), "settings": vars(args)}
         with open(args.json, "w") as f:
             json.dump({"meta": meta, "rows": rows}, f, indent=2)
     return rows

@@ -49,7 +49,7 @@ CIFAR_RESNETS = ("resnet20", "resnet32", "resnet44", "resnet56", "resnet110")
 #: and giving a different value is refused
 RESULT_ARGS = ("model", "K", "context", "n", "aux", "loss", "reconstruct", "split", "dataset",
                "epochs", "batch_size", "lr", "momentum", "wd", "warmup_epochs", "seed", "subset",
-               "amp")
+               "amp", "context_gate", "context_gate_epochs", "context_gate_init", "warmup_start")
 
 
 def _positive_int(s: str) -> int:
@@ -120,6 +120,14 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--split", type=_split_arg, default=None,
                    help="where to cut: none (paper preset / cost-balanced), balanced "
                         "(memory-balanced), or a comma list of cut indices or node names")
+    g.add_argument("--context-gate", default="none", choices=("none", "ramp", "learned"),
+                   help="scale every context term by a gate g: none (the paper's form, g=1), ramp "
+                        "(g rises linearly from 0 to 1 over --context-gate-epochs), learned (one "
+                        "learnable |theta| per term, no weight decay)")
+    g.add_argument("--context-gate-epochs", type=_nonneg_float, default=None,
+                   help="length of the ramp gate in epochs (default: the warm-up length)")
+    g.add_argument("--context-gate-init", type=float, default=0.1,
+                   help="initial value of learned gates")
     g.add_argument("--backend", default="auto", choices=("auto", "torch", "triton", "native"),
                    help="implementation of the fused boundary ops")
     g = p.add_argument_group("data")
@@ -146,6 +154,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--wd", type=_nonneg_float, default=1e-4, help="weight decay")
     g.add_argument("--warmup-epochs", type=_nonneg_float, default=10.0,
                    help="linear warm-up length, capped at epochs/4; cosine decay after it")
+    g.add_argument("--warmup-start", type=_nonneg_float, default=0.0,
+                   help="learning-rate multiplier the warm-up starts from (0: from lr/steps, "
+                        "0.0125: the reference recipe's 0.01 at lr 0.8)")
     g.add_argument("--seed", type=int, default=0,
                    help="seeds the initialisation, the shuffling and the augmentation")
     g.add_argument("--amp", default="none", choices=("none", "bf16", "fp16"),
@@ -245,10 +256,13 @@ def _fmt_time(s: float) -> str:
     return str(datetime.timedelta(seconds=int(round(s))))
 
 
-def _lr_lambda(warmup_iters: int, total_iters: int):
+def _lr_lambda(warmup_iters: int, total_iters: int, start: float = 0.0):
+    """Multiplier of the peak learning rate at ``step``: linear warm-up from ``start`` (plus one
+    step's increment) to 1 over ``warmup_iters`` steps, then cosine decay to 0 at
+    ``total_iters``."""
     def f(step: int) -> float:
         if step < warmup_iters:
-            return (step + 1) / warmup_iters
+            return start + (1.0 - start) * (step + 1) / warmup_iters
         span = max(1, total_iters - warmup_iters)
         t = min(1.0, (step - warmup_iters) / span)
         return 0.5 * (1.0 + math.cos(math.pi * t))
@@ -397,7 +411,14 @@ def run(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
         model = _build_model(args.model, n_classes)
     except ValueError as exc:
         parser.error(f"--model: {exc}")
+    warmup_epochs = min(args.warmup_epochs, args.epochs / 4)
+    warmup_iters = int(round(warmup_epochs * steps_per_epoch))
+    gate = None if args.context_gate in (None, "none") else args.context_gate
+    gate_epochs = warmup_epochs if args.context_gate_epochs is None else args.context_gate_epochs
     local_kwargs = dict(K=args.K, context=args.context, aux=args.aux, loss=args.loss,
+                        context_gate=gate, context_gate_init=args.context_gate_init,
+                        context_gate_steps=max(1, int(round(gate_epochs * steps_per_epoch)))
+                        if gate == "ramp" else None,
                         reconstruct=args.reconstruct, split=args.split, backend=args.backend,
                         n=args.n, input_size=(3,) + tuple(x_train.shape[1:3]),
                         image_mean=mean, image_std=std)
@@ -410,11 +431,15 @@ def run(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
         local = local.to(memory_format=torch.channels_last)
     K = len(local)
 
-    opt = torch.optim.SGD(local.parameters(), lr=args.lr, momentum=args.momentum,
+    named = list(local.named_parameters())
+    gates = [p for k, p in named if k.endswith(".context.gate")]  # learned gates: no decay
+    groups = [{"params": [p for k, p in named if not k.endswith(".context.gate")]}]
+    if gates:
+        groups.append({"params": gates, "weight_decay": 0.0})
+    opt = torch.optim.SGD(groups, lr=args.lr, momentum=args.momentum,
                           nesterov=args.momentum > 0, weight_decay=args.wd)
-    warmup_epochs = min(args.warmup_epochs, args.epochs / 4)
-    warmup_iters = int(round(warmup_epochs * steps_per_epoch))
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, _lr_lambda(warmup_iters, total_steps))
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, _lr_lambda(warmup_iters, total_steps, args.warmup_start))
     scaler = torch.amp.GradScaler(device.type) if args.amp == "fp16" else None
     amp_dtype = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}[args.amp]
 
@@ -469,11 +494,12 @@ def run(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     def reset_acc(p=None):
         acc.clear()
         acc.update(loss=torch.zeros((), device=device), local=torch.zeros(K, device=device),
-                   steps=0, images=0, time=0.0)
+                   steps=0, images=0, time=0.0, step_losses=[])
         if p:
             acc["loss"] += p["loss_sum"]
             acc["local"] += torch.as_tensor(p["local_sum"], dtype=torch.float32, device=device)
             acc.update(steps=p["steps"], images=p["images"], time=p["time"])
+            acc["step_losses"] = [torch.tensor(v, device=device) for v in p.get("step_losses", [])]
 
     def checkpoint(mid_epoch: bool):
         state = {
@@ -489,7 +515,8 @@ def run(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
             state["partial"] = {"loss_sum": float(acc["loss"]),
                                 "local_sum": acc["local"].float().cpu().tolist(),
                                 "steps": acc["steps"], "images": acc["images"],
-                                "time": acc["time"]}
+                                "time": acc["time"],
+                                "step_losses": [float(v) for v in acc["step_losses"]]}
         save_checkpoint(state, ckpt_path)
 
     def evaluate() -> float:
@@ -542,6 +569,7 @@ def run(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
                         opt.step()
                     sched.step()
                     acc["loss"] += out.loss.detach().float()
+                    acc["step_losses"].append(out.loss.detach().float())  # read at epoch end
                     acc["local"] += out.local_losses.detach().float()
                     acc["steps"] += 1
                     acc["images"] += len(y)
@@ -568,7 +596,10 @@ def run(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
                     best_acc = test_acc if best_acc is None else max(best_acc, test_acc)
                 mem, mem_kind = _peak_memory(device)
                 elapsed = elapsed_before + time.time() - t_start
+                step_losses = (torch.stack(acc["step_losses"]).cpu().tolist()
+                               if acc["step_losses"] else [])
                 last = {"epoch": epoch + 1, "train_loss": train_loss, "local_losses": local_means,
+                        "step_losses": step_losses,
                         "test_acc": test_acc, "lr": sched.get_last_lr()[0],
                         "images_per_s": ips, "train_time_s": acc["time"],
                         "peak_mem_mib": mem, "peak_mem_kind": mem_kind, "elapsed_s": elapsed}

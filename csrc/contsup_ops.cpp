@@ -438,6 +438,356 @@ std::tuple<Tensor, Tensor> residual_bwd_sums(const Tensor& grad, const Tensor& c
   return {G, Sg};
 }
 
+
+// ---- image context: 3x3 convolution with padding 1, never materialised ---------------
+// A "patch" x_p of the C_in-channel map u at pixel p = (n, h, w) is the K = 9*C_in vector
+// x_p[j*9 + dy*3 + dx] = u[n, j, h+dy-1, w+dx-1] (0 outside the image), i.e. the order of
+// weight.reshape(C, K); the convolution is z_p = W x_p + b. The passes below build the
+// patches of one image row at a time (a (W x K) matrix) and run every product through the
+// register-blocked gemm_acc, so no (N, C, H, W) tensor is ever created.
+namespace {
+
+// Patches of row (n, r) of u into X (W x K): gathers rows r-1, r, r+1 into `rows` (3 x W x
+// C_in scratch, zeros outside the image) and expands them.
+template <typename scalar_t, typename acc_t>
+void patch_row(const scalar_t* up, const View4& v, int64_t n, int64_t r, acc_t* rows, acc_t* X) {
+  const int64_t W = v.W, Ci = v.C, K = 9 * Ci;
+  for (int64_t dy = 0; dy < 3; ++dy) {
+    const int64_t hh = r + dy - 1;
+    acc_t* dst = rows + dy * W * Ci;
+    if (hh < 0 || hh >= v.H) std::fill(dst, dst + W * Ci, acc_t(0));
+    else gather_row(up, v, n, hh, dst);
+  }
+  for (int64_t x = 0; x < W; ++x) {
+    acc_t* xp = X + x * K;
+    for (int64_t dy = 0; dy < 3; ++dy) {
+      const acc_t* row = rows + dy * W * Ci;
+      for (int64_t dx = 0; dx < 3; ++dx) {
+        const int64_t xx = x + dx - 1;
+        const int64_t o = dy * 3 + dx;
+        if (xx < 0 || xx >= W) {
+          for (int64_t j = 0; j < Ci; ++j) xp[j * 9 + o] = acc_t(0);
+        } else {
+          const acc_t* src = row + xx * Ci;
+          for (int64_t j = 0; j < Ci; ++j) xp[j * 9 + o] = src[j];
+        }
+      }
+    }
+  }
+}
+
+// z = X Wt + b for the W pixels of a patch row: Z (W x C).
+template <typename acc_t>
+inline void conv_row(const acc_t* X, const acc_t* Wt, const acc_t* b, int64_t W, int64_t K, int64_t C,
+                     acc_t* Z) {
+  for (int64_t p = 0; p < W; ++p) std::copy(b, b + C, Z + p * C);
+  gemm_acc(X, false, Wt, W, K, C, Z);
+}
+
+}  // namespace
+
+Tensor patch_sum(const Tensor& u) {
+  const View4 v = view4(u);
+  const int64_t K = 9 * v.C;
+  Tensor result;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, u.scalar_type(), "contsup_patch_sum_cpu", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const scalar_t* up = u.const_data_ptr<scalar_t>();
+    auto tot = reduce_rows<acc_t>(v.N * v.H, K, [&](int64_t r, acc_t* racc, std::vector<acc_t>& s) {
+      s.resize(3 * v.W * v.C + v.W * K);
+      acc_t* X = s.data() + 3 * v.W * v.C;
+      patch_row(up, v, r / v.H, r % v.H, s.data(), X);
+      for (int64_t x = 0; x < v.W; ++x)
+        for (int64_t k = 0; k < K; ++k) racc[k] += X[x * K + k];
+    });
+    result = vec_to_tensor(tot, {K}, u.options().dtype(c10::CppTypeToScalarType<acc_t>::value));
+  });
+  return result;
+}
+
+// Centred patch co-moment sum_p (x_p - mean)(x_p - mean)^T without forming K x K outer
+// products per pixel. Let ut = u - c (c_j = mean[j*9 + 4], the channel mean), zero outside the
+// image, xt_p its patches and Y_h (W x 3C_in) the horizontal 3-neighbourhoods of row h of ut
+// (Y_h[w, j*3 + dx] = ut[j, h, w+dx-1]). Then the (dy, dy') block of sum_p xt_p xt_p^T is a
+// row-lagged Gram matrix of the Y's: with L_l = sum_h Y_h^T Y_{h+l} (zero rows outside),
+//   (0,0) = L_0 - Y_{H-1}^T Y_{H-1},  (1,1) = L_0,  (2,2) = L_0 - Y_0^T Y_0,
+//   (0,1) = (1,2) = L_1,  (0,2) = L_2   (and the transposes below the diagonal),
+// i.e. 3 (3C_in)^2 products per pixel instead of (9C_in)^2. The patch x_p = xt_p + c o m_p,
+// where the in-image mask m_p depends only on the border class of p (16 classes: top /
+// bottom / both / neither row x the same for columns), so with d_k = c o m_k - mean,
+// s_k = sum_{p in class k} xt_p and n_k pixels per class:
+//   sum_p (x_p - mean)(x_p - mean)^T = sum_p xt_p xt_p^T + sum_k (s_k d_k^T + d_k s_k^T + n_k d_k d_k^T).
+// Every term is a sum of centred quantities (no E[xx^T] - mu mu^T cancellation).
+Tensor patch_comoment(const Tensor& u, const Tensor& mean) {
+  const View4 v = view4(u);
+  const int64_t Ci = v.C, K = 9 * Ci, L = 3 * Ci, LL = L * L, W = v.W, H = v.H;
+  constexpr int64_t kClasses = 16;
+  Tensor result;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, u.scalar_type(), "contsup_patch_comoment_cpu", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const scalar_t* up = u.const_data_ptr<scalar_t>();
+    const acc_t* mp = mean.const_data_ptr<acc_t>();
+    std::vector<acc_t> c(Ci);
+    for (int64_t j = 0; j < Ci; ++j) c[j] = mp[j * 9 + 4];
+    auto border_class = [&](int64_t h, int64_t w) {
+      return ((h == 0) + 2 * (h == H - 1)) * 4 + (w == 0) + 2 * (w == W - 1);
+    };
+    // row accumulator: [L0 | L1 | L2 | Y_0^T Y_0 | Y_{H-1}^T Y_{H-1} | s (16 x K)]
+    const int64_t width = 5 * LL + kClasses * K;
+    auto tot = reduce_rows<acc_t>(v.N * H, width, [&](int64_t r, acc_t* racc, std::vector<acc_t>& s) {
+      const int64_t n = r / H, h = r % H;
+      s.resize(4 * W * Ci + 3 * W * L);
+      acc_t* rows = s.data();          // centred rows h-1, h, h+1, h+2 (W x C_in each)
+      acc_t* Y = rows + 4 * W * Ci;    // Y_h, Y_{h+1}, Y_{h+2} (W x L each)
+      for (int64_t i = 0; i < 4; ++i) {
+        const int64_t hh = h + i - 1;
+        acc_t* dst = rows + i * W * Ci;
+        if (hh < 0 || hh >= H) {
+          std::fill(dst, dst + W * Ci, acc_t(0));
+        } else {
+          gather_row(up, v, n, hh, dst);
+          for (int64_t x = 0; x < W; ++x)
+            for (int64_t j = 0; j < Ci; ++j) dst[x * Ci + j] -= c[j];
+        }
+      }
+      for (int64_t i = 0; i < 3; ++i) {
+        const acc_t* row = rows + (i + 1) * W * Ci;
+        acc_t* Yi = Y + i * W * L;
+        for (int64_t x = 0; x < W; ++x)
+          for (int64_t dx = 0; dx < 3; ++dx) {
+            const int64_t xx = x + dx - 1;
+            for (int64_t j = 0; j < Ci; ++j)
+              Yi[x * L + j * 3 + dx] = (xx < 0 || xx >= W) ? acc_t(0) : row[xx * Ci + j];
+          }
+      }
+      gemm_acc(Y, true, Y, L, W, L, racc);                                     // L0
+      if (h + 1 < H) gemm_acc(Y, true, Y + W * L, L, W, L, racc + LL);          // L1
+      if (h + 2 < H) gemm_acc(Y, true, Y + 2 * W * L, L, W, L, racc + 2 * LL);  // L2
+      if (h == 0) std::copy(racc, racc + LL, racc + 3 * LL);
+      if (h == H - 1) std::copy(racc, racc + LL, racc + 4 * LL);
+      acc_t* sc = racc + 5 * LL;
+      for (int64_t x = 0; x < W; ++x) {
+        acc_t* sk = sc + border_class(h, x) * K;
+        for (int64_t dy = 0; dy < 3; ++dy) {
+          const acc_t* row = rows + dy * W * Ci;
+          for (int64_t dx = 0; dx < 3; ++dx) {
+            const int64_t xx = x + dx - 1;
+            if (xx < 0 || xx >= W) continue;
+            for (int64_t j = 0; j < Ci; ++j) sk[j * 9 + dy * 3 + dx] += row[xx * Ci + j];
+          }
+        }
+      }
+    });
+    // assemble sum_p xt_p xt_p^T from the lagged blocks
+    std::vector<acc_t> S(K * K);
+    const acc_t* L0 = tot.data();
+    const acc_t* L1 = L0 + LL;
+    const acc_t* L2 = L0 + 2 * LL;
+    const acc_t* F0 = L0 + 3 * LL;
+    const acc_t* FH = L0 + 4 * LL;
+    for (int64_t dy = 0; dy < 3; ++dy)
+      for (int64_t dy2 = dy; dy2 < 3; ++dy2)
+        for (int64_t j = 0; j < Ci; ++j)
+          for (int64_t dx = 0; dx < 3; ++dx)
+            for (int64_t j2 = 0; j2 < Ci; ++j2)
+              for (int64_t dx2 = 0; dx2 < 3; ++dx2) {
+                const int64_t a = (j * 3 + dx) * L + j2 * 3 + dx2;
+                acc_t val;
+                if (dy2 - dy == 2) val = L2[a];
+                else if (dy2 - dy == 1) val = L1[a];
+                else val = L0[a] - (dy == 0 ? FH[a] : dy == 2 ? F0[a] : acc_t(0));
+                const int64_t k = j * 9 + dy * 3 + dx, k2 = j2 * 9 + dy2 * 3 + dx2;
+                S[k * K + k2] = val;
+                S[k2 * K + k] = val;
+              }
+    // border-class corrections: n_k = N * rows_in_class * cols_in_class
+    auto count = [](int64_t len, int64_t cls) -> int64_t {  // cls: 0 inner, 1 first, 2 last, 3 both
+      if (len == 1) return cls == 3 ? 1 : 0;
+      return cls == 0 ? len - 2 : cls == 3 ? 0 : 1;
+    };
+    const acc_t* sc = tot.data() + 5 * LL;
+    std::vector<acc_t> d(K);
+    for (int64_t cls = 0; cls < kClasses; ++cls) {
+      const int64_t rc = cls / 4, cc = cls % 4;
+      const acc_t nk = static_cast<acc_t>(v.N * count(H, rc) * count(W, cc));
+      if (nk == acc_t(0)) continue;
+      for (int64_t j = 0; j < Ci; ++j)
+        for (int64_t dy = 0; dy < 3; ++dy)
+          for (int64_t dx = 0; dx < 3; ++dx) {
+            const bool out = (dy == 0 && (rc & 1)) || (dy == 2 && (rc & 2)) || (dx == 0 && (cc & 1)) ||
+                             (dx == 2 && (cc & 2));
+            const int64_t k = j * 9 + dy * 3 + dx;
+            d[k] = (out ? acc_t(0) : c[j]) - mp[k];
+          }
+      const acc_t* sk = sc + cls * K;
+      for (int64_t k = 0; k < K; ++k)
+        for (int64_t k2 = 0; k2 < K; ++k2)
+          S[k * K + k2] += sk[k] * d[k2] + d[k] * sk[k2] + nk * d[k] * d[k2];
+    }
+    result = vec_to_tensor(S, {K, K}, u.options().dtype(c10::CppTypeToScalarType<acc_t>::value));
+  });
+  return result;
+}
+
+void image_out(const Tensor& u, const Tensor& Wt, const Tensor& b, const Tensor& A, const Tensor& B,
+               const Tensor& in, const Tensor& out) {
+  const View4 v = view4(u), ov = view4(out), iv = view4(in);
+  const int64_t K = 9 * v.C, C = ov.C, Ho = ov.H, Wo = ov.W, sh = v.H / Ho, sw = v.W / Wo;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, u.scalar_type(), "contsup_image_out_cpu", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const scalar_t* up = u.const_data_ptr<scalar_t>();
+    const scalar_t* ip = in.const_data_ptr<scalar_t>();
+    scalar_t* op = out.mutable_data_ptr<scalar_t>();
+    const acc_t* wt = Wt.const_data_ptr<acc_t>();
+    const acc_t* bp = b.const_data_ptr<acc_t>();
+    const acc_t* Ap = A.const_data_ptr<acc_t>();
+    const acc_t* Bp = B.const_data_ptr<acc_t>();
+    const acc_t inv = acc_t(1) / static_cast<acc_t>(sh * sw);
+    at::parallel_for(0, v.N * Ho, row_grain(sh * v.W * K * C), [&](int64_t r0, int64_t r1) {
+      std::vector<acc_t> rows(3 * v.W * v.C), X(v.W * K), Z(v.W * C), acc(Wo * C), ib(Wo * C);
+      for (int64_t r = r0; r < r1; ++r) {
+        const int64_t n = r / Ho, ho = r % Ho;
+        std::fill(acc.begin(), acc.end(), acc_t(0));
+        for (int64_t dy = 0; dy < sh; ++dy) {
+          patch_row(up, v, n, ho * sh + dy, rows.data(), X.data());
+          conv_row(X.data(), wt, bp, v.W, K, C, Z.data());
+          for (int64_t x = 0; x < v.W; ++x) {
+            const acc_t* zp = Z.data() + x * C;
+            acc_t* a = acc.data() + (x / sw) * C;
+            for (int64_t k = 0; k < C; ++k) {
+              const acc_t y = Ap[k] * zp[k] + Bp[k];
+              a[k] += y < acc_t(0) ? acc_t(0) : y;  // NaN propagates like F.relu
+            }
+          }
+        }
+        gather_row(ip, iv, n, ho, ib.data());
+        for (int64_t i = 0; i < Wo * C; ++i) acc[i] = ib[i] + acc[i] * inv;
+        scatter_row(op, ov, n, ho, acc.data());
+      }
+    });
+  });
+}
+
+namespace {
+// g_a = up(grad)/area * [A z + B > 0] for the W pixels of one row: Z (W x C) holds z, gb the
+// gathered grad row (Wo x C); writes G_A (W x C), which may alias Z.
+template <typename acc_t>
+inline void masked_grad_row(const acc_t* Z, const acc_t* gb, const acc_t* Ap, const acc_t* Bp, acc_t inv,
+                            int64_t W, int64_t C, int64_t sw, acc_t* G_A) {
+  for (int64_t x = 0; x < W; ++x) {
+    const acc_t* zp = Z + x * C;
+    const acc_t* gr = gb + (x / sw) * C;
+    acc_t* ga = G_A + x * C;
+    for (int64_t k = 0; k < C; ++k) ga[k] = Ap[k] * zp[k] + Bp[k] > acc_t(0) ? gr[k] * inv : acc_t(0);
+  }
+}
+}  // namespace
+
+std::tuple<Tensor, Tensor> image_bwd_sums(const Tensor& grad, const Tensor& u, const Tensor& Wt,
+                                          const Tensor& b, const Tensor& A, const Tensor& B,
+                                          const Tensor& center) {
+  const View4 v = view4(u), gv = view4(grad);
+  const int64_t K = 9 * v.C, C = gv.C, sh = v.H / gv.H, sw = v.W / gv.W;
+  Tensor G, Sg;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, u.scalar_type(), "contsup_image_bwd_sums_cpu", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const scalar_t* up = u.const_data_ptr<scalar_t>();
+    const scalar_t* gp = grad.const_data_ptr<scalar_t>();
+    const acc_t* wt = Wt.const_data_ptr<acc_t>();
+    const acc_t* bp = b.const_data_ptr<acc_t>();
+    const acc_t* Ap = A.const_data_ptr<acc_t>();
+    const acc_t* Bp = B.const_data_ptr<acc_t>();
+    const acc_t* ctr = center.const_data_ptr<acc_t>();
+    const acc_t inv = acc_t(1) / static_cast<acc_t>(sh * sw);
+    // row accumulator: [G (C x K) | Sg (C)]
+    auto tot = reduce_rows<acc_t>(v.N * v.H, C * K + C, [&](int64_t r, acc_t* racc, std::vector<acc_t>& s) {
+      const int64_t n = r / v.H, h = r % v.H;
+      s.resize(3 * v.W * v.C + v.W * K + v.W * C + gv.W * C);
+      acc_t* X = s.data() + 3 * v.W * v.C;
+      acc_t* Z = X + v.W * K;
+      acc_t* gb = Z + v.W * C;
+      patch_row(up, v, n, h, s.data(), X);
+      conv_row(X, wt, bp, v.W, K, C, Z);
+      gather_row(gp, gv, n, h / sh, gb);
+      masked_grad_row(Z, gb, Ap, Bp, inv, v.W, C, sw, Z);  // Z := g_a
+      acc_t* Sgr = racc + C * K;
+      for (int64_t x = 0; x < v.W; ++x)
+        for (int64_t k = 0; k < C; ++k) Sgr[k] += Z[x * C + k];
+      for (int64_t x = 0; x < v.W; ++x)
+        for (int64_t k = 0; k < K; ++k) X[x * K + k] -= ctr[k];
+      gemm_acc(Z, true, X, C, v.W, K, racc);  // G += g_a^T (x - center)
+    });
+    const auto opts = u.options().dtype(c10::CppTypeToScalarType<acc_t>::value);
+    std::vector<acc_t> gpart(tot.begin(), tot.begin() + C * K), spart(tot.begin() + C * K, tot.end());
+    G = vec_to_tensor(gpart, {C, K}, opts);
+    Sg = vec_to_tensor(spart, {C}, opts);
+  });
+  return {G, Sg};
+}
+
+void image_bwd_du(const Tensor& grad, const Tensor& u, const Tensor& Wt, const Tensor& b, const Tensor& A,
+                  const Tensor& B, const Tensor& mean, const Tensor& Q, const Tensor& R, const Tensor& du) {
+  const View4 v = view4(u), gv = view4(grad), dv = view4(du);
+  const int64_t Ci = v.C, K = 9 * Ci, C = gv.C, sh = v.H / gv.H, sw = v.W / gv.W, W = v.W;
+  // tasks: (image n, block of RB rows of du); each recomputes dz on its rows plus a 1-row halo
+  const int64_t RB = std::min<int64_t>(v.H, 8);
+  const int64_t blocks = (v.H + RB - 1) / RB;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, u.scalar_type(), "contsup_image_bwd_du_cpu", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const scalar_t* up = u.const_data_ptr<scalar_t>();
+    const scalar_t* gp = grad.const_data_ptr<scalar_t>();
+    scalar_t* dp = du.mutable_data_ptr<scalar_t>();
+    const acc_t* wt = Wt.const_data_ptr<acc_t>();
+    const acc_t* bp = b.const_data_ptr<acc_t>();
+    const acc_t* Ap = A.const_data_ptr<acc_t>();
+    const acc_t* Bp = B.const_data_ptr<acc_t>();
+    const acc_t* mp = mean.const_data_ptr<acc_t>();
+    const acc_t* Qp = Q.const_data_ptr<acc_t>();
+    const acc_t* Rp = R.const_data_ptr<acc_t>();
+    const acc_t inv = acc_t(1) / static_cast<acc_t>(sh * sw);
+    std::vector<acc_t> Wm(C * K);  // W (C x K), row-major
+    for (int64_t k = 0; k < K; ++k)
+      for (int64_t c = 0; c < C; ++c) Wm[c * K + k] = wt[k * C + c];
+    at::parallel_for(0, v.N * blocks, 1, [&](int64_t t0, int64_t t1) {
+      std::vector<acc_t> rows(3 * W * Ci), X(W * K), Z(W * C), GA(W * C), gb(gv.W * C), T(W * K),
+          dacc(RB * W * Ci);
+      for (int64_t t = t0; t < t1; ++t) {
+        const int64_t n = t / blocks, y0 = (t % blocks) * RB, y1 = std::min(v.H, y0 + RB);
+        std::fill(dacc.begin(), dacc.end(), acc_t(0));
+        for (int64_t r = std::max<int64_t>(0, y0 - 1); r < std::min(v.H, y1 + 1); ++r) {
+          patch_row(up, v, n, r, rows.data(), X.data());
+          conv_row(X.data(), wt, bp, W, K, C, Z.data());
+          gather_row(gp, gv, n, r / sh, gb.data());
+          masked_grad_row(Z.data(), gb.data(), Ap, Bp, inv, W, C, sw, GA.data());
+          for (int64_t i = 0; i < W * C; ++i) {
+            const int64_t k = i % C;
+            GA[i] = Ap[k] * GA[i] - Qp[k] - (Z[i] - mp[k]) * Rp[k];  // dz
+          }
+          std::fill(T.begin(), T.end(), acc_t(0));
+          gemm_acc(GA.data(), false, Wm.data(), W, C, K, T.data());  // T = dz W  (W x K)
+          // T[x, j*9 + dy*3 + dx] belongs to du[r + dy - 1, x + dx - 1, j]
+          for (int64_t dy = 0; dy < 3; ++dy) {
+            const int64_t y = r + dy - 1;
+            if (y < y0 || y >= y1) continue;
+            acc_t* drow = dacc.data() + (y - y0) * W * Ci;
+            for (int64_t x = 0; x < W; ++x) {
+              const acc_t* tx = T.data() + x * K;
+              for (int64_t dx = 0; dx < 3; ++dx) {
+                const int64_t xx = x + dx - 1;
+                if (xx < 0 || xx >= W) continue;
+                acc_t* d = drow + xx * Ci;
+                const int64_t o = dy * 3 + dx;
+                for (int64_t j = 0; j < Ci; ++j) d[j] += tx[j * 9 + o];
+              }
+            }
+          }
+        }
+        for (int64_t y = y0; y < y1; ++y) scatter_row(dp, dv, n, y, dacc.data() + (y - y0) * W * Ci);
+      }
+    });
+  });
+}
+
 }  // namespace cpu
 
 // ------------------------------------------------------------------------------------
@@ -880,12 +1230,160 @@ residual_context_backward(const Tensor& grad_out_in, at::TensorList contexts, at
   return {dWs, dbs, dgs, dbetas};
 }
 
+// ---------------------------------- op 5 --------------------------------------------
+// image_context: out = h + avgpool_s(relu(bn(conv3x3(u, weight, bias, padding=1)))).
+//   h (N, C, H, W); u (N, C_in, s*H, s*W) in h's dtype; weight (C, C_in, 3, 3); bias and
+//   BN params / running stats (C,). The (N, C, s*H, s*W) convolution output z is never
+//   materialised (forward or backward). Its batch statistics follow from the moments of the
+//   K = 9*C_in zero-padded patches x_p (z_p = W x_p + b, W = weight.reshape(C, K)):
+//     mean_z = W mu + b,   var_z = diag(W S W^T),   mu, S = patch mean, biased covariance.
+//   Returns (out, mean, var, patch_moments) with patch_moments = [mu (K), S (K*K)] in
+//   training (zeros in eval): what the backward needs besides u and the parameters.
+namespace {
+
+struct ImageContextParams {
+  Tensor W, Wt, b;  // (C, K), (K, C), (C,) in acc dtype
+};
+
+ImageContextParams image_context_params(const Tensor& weight, const Tensor& bias, at::ScalarType acc) {
+  const int64_t C = weight.size(0), K = weight.numel() / C;
+  Tensor W = weight.reshape({C, K}).to(acc).contiguous();
+  return {W, W.t().contiguous(), to_acc(bias, acc)};
+}
+
+void check_image_context_weight(const Tensor& weight, int64_t C, int64_t Ci, const Tensor& ref,
+                                const char* ref_name) {
+  TORCH_CHECK(weight.dim() == 4 && weight.size(0) == C && weight.size(1) == Ci && weight.size(2) == 3 &&
+                  weight.size(3) == 3,
+              "contsup: weight must have shape (", C, ", ", Ci, ", 3, 3) (C = h's channels, C_in = u's "
+              "channels; a 3x3 convolution), got ", weight.sizes());
+  check_dtype(weight, "weight");
+  check_same_device(weight, ref, "weight", ref_name);
+}
+
+}  // namespace
+
+std::tuple<Tensor, Tensor, Tensor, Tensor> image_context(const Tensor& h, const Tensor& u,
+                                                         const Tensor& weight, const Tensor& bias,
+                                                         const Tensor& bn_weight, const Tensor& bn_bias,
+                                                         const Tensor& running_mean,
+                                                         const Tensor& running_var, bool training,
+                                                         double eps) {
+  check_feature_map(h, "h");
+  check_feature_map(u, "u");
+  check_same_device(u, h, "u", "h");
+  TORCH_CHECK(u.scalar_type() == h.scalar_type(), "contsup: u must have h's dtype ", h.scalar_type(),
+              ", got ", u.scalar_type());
+  TORCH_CHECK(u.size(0) == h.size(0), "contsup: u has batch size ", u.size(0), " but h has batch size ",
+              h.size(0));
+  pool_factors(u, h, "u", "h");
+  const int64_t C = h.size(1), Ci = u.size(1), K = 9 * Ci;
+  check_image_context_weight(weight, C, Ci, h, "h");
+  check_channel_vec(bias, C, "bias", h, "h");
+  check_bn_params(h, "h", bn_weight, bn_bias, running_mean, running_var, "running_mean", "running_var");
+  check_training_count(u.numel() / Ci, training, "the 3x3 conv output of u");
+  c10::OptionalDeviceGuard guard(h.device());
+  const auto acc = acc_dtype(h);
+  const auto p = image_context_params(weight, bias, acc);
+  Tensor moments = at::zeros({K + K * K}, h.options().dtype(acc));
+  Tensor mean, var;
+  if (training) {
+    const double M = static_cast<double>(u.numel() / Ci);
+    Tensor mu = CONTSUP_PASS(patch_sum, u.device())(u).div_(M);
+    Tensor S = CONTSUP_PASS(patch_comoment, u.device())(u, mu).div_(M);
+    mean = at::addmv(p.b, p.W, mu);
+    var = (at::mm(p.W, S) * p.W).sum(1).clamp_min_(0);
+    moments.narrow(0, 0, K).copy_(mu);
+    moments.narrow(0, K, K * K).copy_(S.reshape({-1}));
+  } else {
+    mean = running_mean.to(acc, false, true);
+    var = running_var.to(acc, false, true);
+  }
+  const Tensor A = to_acc(bn_weight, acc) * (var + eps).rsqrt();
+  const Tensor B = (to_acc(bn_bias, acc) - mean * A).contiguous();
+  Tensor out = at::empty_like(h);
+  CONTSUP_PASS(image_out, u.device())(u, p.Wt, p.b, A.contiguous(), B, h, out);
+  return {out, mean, var, moments};
+}
+
+// Gradients (grad_u, grad_weight, grad_bias, grad_bn_weight, grad_bn_bias) of image_context
+// (h gets grad_out unchanged in the Python autograd formula). Two passes over (u, grad_out),
+// both recomputing z per row/tile:
+//   1. G = sum_p g_a (x_p - c)^T (C x K), Sg = sum_p g_a, with c = mu (training) or 0 (eval);
+//      then, as for the residual context (rstd = 1/sqrt(var + eps), A = gamma*rstd):
+//      training: dbeta = Sg, dgamma = rstd * rowsum(W o G),
+//                dW = A o (G - (dgamma*rstd) o (W S)), db = 0;
+//      eval:     dbeta = Sg, dgamma = rstd * (rowsum(W o G) + (b - mu_z) Sg), dW = A o G, db = A Sg;
+//   2. dz_p = A g_a - Q - (z_p - mean) R (Q = A Sg / M, R = A rstd^2 rowsum(W o G) / M in
+//      training, 0 in eval) and grad_u = conv3x3^T(dz), per tile with a 1-pixel halo.
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> image_context_backward(
+    const Tensor& grad_out_in, const Tensor& u, const Tensor& weight, const Tensor& bias,
+    const Tensor& bn_weight, const Tensor& bn_bias, const Tensor& mean_in, const Tensor& var_in,
+    const Tensor& patch_moments, bool training, double eps) {
+  check_feature_map(grad_out_in, "grad_out");
+  check_feature_map(u, "u");
+  check_same_device(grad_out_in, u, "grad_out", "u");
+  TORCH_CHECK(grad_out_in.size(0) == u.size(0), "contsup: grad_out has batch size ", grad_out_in.size(0),
+              " but u has batch size ", u.size(0));
+  pool_factors(u, grad_out_in, "u", "grad_out");
+  const int64_t C = grad_out_in.size(1), Ci = u.size(1), K = 9 * Ci;
+  check_image_context_weight(weight, C, Ci, grad_out_in, "grad_out");
+  check_channel_vec(bias, C, "bias", grad_out_in, "grad_out");
+  check_bn_params(grad_out_in, "grad_out", bn_weight, bn_bias, mean_in, var_in, "mean", "var");
+  TORCH_CHECK(patch_moments.dim() == 1 && patch_moments.numel() == K + K * K,
+              "contsup: patch_moments must have shape (", K + K * K, ",) (K + K^2, K = 9*C_in), got ",
+              patch_moments.sizes());
+  check_training_count(u.numel() / Ci, training, "the 3x3 conv output of u");
+  c10::OptionalDeviceGuard guard(u.device());
+  const auto acc = acc_dtype(u);
+  const double M = static_cast<double>(u.numel() / Ci);
+  const Tensor grad = grad_out_in.scalar_type() == u.scalar_type() ? grad_out_in
+                                                                   : grad_out_in.to(u.scalar_type());
+  const auto p = image_context_params(weight, bias, acc);
+  const Tensor mean = to_acc(mean_in, acc), var = to_acc(var_in, acc);
+  const Tensor rstd = (var + eps).rsqrt();
+  const Tensor A = (to_acc(bn_weight, acc) * rstd).contiguous();
+  const Tensor B = (to_acc(bn_bias, acc) - mean * A).contiguous();
+  const Tensor mom = patch_moments.to(acc);
+  const Tensor center = training ? mom.narrow(0, 0, K).contiguous() : at::zeros({K}, p.b.options());
+  Tensor G, Sg;
+  std::tie(G, Sg) = CONTSUP_PASS(image_bwd_sums, u.device())(grad, u, p.Wt, p.b, A, B, center);
+  const Tensor WG = (p.W * G).sum(1);
+  Tensor dgamma, dW, db, Q, R;
+  if (training) {
+    const Tensor S = mom.narrow(0, K, K * K).view({K, K});
+    dgamma = rstd * WG;
+    dW = A.unsqueeze(1) * (G - (dgamma * rstd).unsqueeze(1) * at::mm(p.W, S));
+    db = at::zeros_like(Sg);
+    Q = (A * Sg).div_(M).contiguous();
+    R = (A * rstd * rstd * WG).div_(M).contiguous();
+  } else {
+    dgamma = rstd * (WG + (p.b - mean) * Sg);
+    dW = A.unsqueeze(1) * G;
+    db = A * Sg;
+    Q = at::zeros_like(Sg);
+    R = at::zeros_like(Sg);
+  }
+  Tensor du = at::empty_like(u);
+  CONTSUP_PASS(image_bwd_du, u.device())(grad, u, p.Wt, p.b, A, B, mean, Q, R, du);
+  return {du, dW.reshape(weight.sizes()).to(weight.scalar_type()), db.to(bias.scalar_type()),
+          dgamma.to(bn_weight.scalar_type()), Sg.to(bn_bias.scalar_type(), false, true)};
+}
+
 }  // namespace contsup
 
 // ------------------------------------------------------------------------------------
 // Registration
 // ------------------------------------------------------------------------------------
-TORCH_LIBRARY(contsup, m) {
+// The library's namespace: torch.ops.contsup (the test-only CUDA-emulation build uses
+// another one, -DCONTSUP_LIB=contsup_emu, so that both can be loaded in one process).
+#ifndef CONTSUP_LIB
+#define CONTSUP_LIB contsup
+#endif
+#define CONTSUP_TORCH_LIBRARY(ns, m) TORCH_LIBRARY(ns, m)
+#define CONTSUP_TORCH_LIBRARY_IMPL(ns, key, m) TORCH_LIBRARY_IMPL(ns, key, m)
+
+CONTSUP_TORCH_LIBRARY(CONTSUP_LIB, m) {
   m.def("residual_context(Tensor h, Tensor[] contexts, Tensor[] weights, Tensor[] biases, "
         "Tensor[] bn_weights, Tensor[] bn_biases, Tensor[] running_means, Tensor[] running_vars, "
         "bool training, float eps) -> (Tensor, Tensor, Tensor, Tensor)");
@@ -901,6 +1399,11 @@ TORCH_LIBRARY(contsup, m) {
   m.def("bn_relu_gap_backward(Tensor grad_pooled, Tensor z, Tensor bn_weight, Tensor bn_bias, "
         "Tensor mean, Tensor var, bool training, float eps) -> (Tensor, Tensor, Tensor)");
   m.def("global_avg_pool(Tensor h) -> Tensor");
+  m.def("image_context(Tensor h, Tensor u, Tensor weight, Tensor bias, Tensor bn_weight, Tensor bn_bias, "
+        "Tensor running_mean, Tensor running_var, bool training, float eps) -> (Tensor, Tensor, Tensor, Tensor)");
+  m.def("image_context_backward(Tensor grad_out, Tensor u, Tensor weight, Tensor bias, Tensor bn_weight, "
+        "Tensor bn_bias, Tensor mean, Tensor var, Tensor patch_moments, bool training, float eps) "
+        "-> (Tensor, Tensor, Tensor, Tensor, Tensor)");
   m.def("global_avg_pool_backward(Tensor grad_pooled, SymInt[] input_size, bool channels_last) -> Tensor");
 }
 
@@ -912,14 +1415,16 @@ TORCH_LIBRARY(contsup, m) {
   m.impl("bn_relu_gap", &contsup::bn_relu_gap);                                          \
   m.impl("bn_relu_gap_backward", &contsup::bn_relu_gap_backward);                        \
   m.impl("global_avg_pool", &contsup::global_avg_pool);                                  \
-  m.impl("global_avg_pool_backward", &contsup::global_avg_pool_backward);
+  m.impl("global_avg_pool_backward", &contsup::global_avg_pool_backward);                \
+  m.impl("image_context", &contsup::image_context);                                      \
+  m.impl("image_context_backward", &contsup::image_context_backward);
 
-TORCH_LIBRARY_IMPL(contsup, CPU, m) { CONTSUP_IMPL_ALL(m) }
+CONTSUP_TORCH_LIBRARY_IMPL(CONTSUP_LIB, CPU, m) { CONTSUP_IMPL_ALL(m) }
 
 #ifdef CONTSUP_WITH_CUDA
 // The CUDA dispatch key runs the same operator logic; the heavy passes are the kernels
 // of contsup_ops_cuda.cu (selected by device in CONTSUP_PASS).
-TORCH_LIBRARY_IMPL(contsup, CUDA, m) { CONTSUP_IMPL_ALL(m) }
+CONTSUP_TORCH_LIBRARY_IMPL(CONTSUP_LIB, CUDA, m) { CONTSUP_IMPL_ALL(m) }
 #define CONTSUP_WITH_CUDA_FLAG 1
 #else
 #define CONTSUP_WITH_CUDA_FLAG 0

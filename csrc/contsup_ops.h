@@ -70,13 +70,34 @@ CONTSUP_HD inline bool chan_inner(const View4& v) {
   /* g_a = up(grad)/area * [Wt^T c + bp > 0]                                             */ \
   std::tuple<at::Tensor, at::Tensor> residual_bwd_sums(                                     \
       const at::Tensor& grad, const at::Tensor& c, const at::Tensor& Wt,                   \
-      const at::Tensor& bp, const at::Tensor& center);
+      const at::Tensor& bp, const at::Tensor& center);                                     \
+  /* Image context (3x3 conv, padding 1, of u (N, C_in, Hs, Ws)); patches x_p are the     */ \
+  /* K = 9*C_in vectors x_p[j*9 + dy*3 + dx] = u[n, j, h+dy-1, w+dx-1] (0 outside).      */ \
+  /* (K,) acc: sum over pixels of x_p                                                     */ \
+  at::Tensor patch_sum(const at::Tensor& u);                                                \
+  /* (K, K) acc: sum over pixels of (x_p - mean)(x_p - mean)^T                            */ \
+  at::Tensor patch_comoment(const at::Tensor& u, const at::Tensor& mean);                   \
+  /* out = in + avgpool(relu(A*z + B)), z_p = Wt^T x_p + b; Wt (K, C) acc, b, A, B (C,)   */ \
+  void image_out(const at::Tensor& u, const at::Tensor& Wt, const at::Tensor& b,            \
+                 const at::Tensor& A, const at::Tensor& B, const at::Tensor& in,            \
+                 const at::Tensor& out);                                                    \
+  /* (G (C, K), Sg (C,)): G = sum g_a (x_p - center)^T, Sg = sum g_a, with                */ \
+  /* g_a = up(grad)/area * [A z_p + B > 0]                                                 */ \
+  std::tuple<at::Tensor, at::Tensor> image_bwd_sums(                                        \
+      const at::Tensor& grad, const at::Tensor& u, const at::Tensor& Wt, const at::Tensor& b, \
+      const at::Tensor& A, const at::Tensor& B, const at::Tensor& center);                  \
+  /* du = conv3x3^T(dz) written into du (u's shape), dz_p = A*g_a - Q - (z_p - mean)*R,   */ \
+  /* recomputed per tile (1-pixel halo); dz is never materialised                        */ \
+  void image_bwd_du(const at::Tensor& grad, const at::Tensor& u, const at::Tensor& Wt,      \
+                    const at::Tensor& b, const at::Tensor& A, const at::Tensor& B,          \
+                    const at::Tensor& mean, const at::Tensor& Q, const at::Tensor& R,       \
+                    const at::Tensor& du);
 
 namespace cpu {
 CONTSUP_DECLARE_PASSES
 }  // namespace cpu
 
-#ifdef CONTSUP_WITH_CUDA
+#if defined(CONTSUP_WITH_CUDA) || defined(CONTSUP_CUDA_EMULATION)
 namespace cuda {
 CONTSUP_DECLARE_PASSES
 }  // namespace cuda

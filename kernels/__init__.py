@@ -7,13 +7,15 @@ mutated):
 * :func:`residual_context`   -- ``out = h + sum_r avgpool(relu(bn_r(conv1x1_r(c_r))))``
 * :func:`image_context_tail` -- ``out = h + avgpool(relu(bn(z)))``
   (and :func:`image_context_tail_backward`, its standalone backward)
+* :func:`image_context`      -- ``out = h + avgpool(relu(bn(conv3x3(u))))``, never
+  materialising the full-resolution convolution output
 * :func:`bn_relu_gap`        -- ``pooled = mean_{H,W} relu(bn(z))``
 * :func:`global_avg_pool`    -- ``pooled = mean_{H,W} h``
 * :func:`is_available`       -- ``(bool, reason)``
 
 Each op is a ``torch.library.triton_op`` in the ``contsup_triton`` namespace
-(``residual_context``, ``image_context_tail``, ``bn_relu_gap``, ``global_avg_pool`` and a
-``*_backward`` op each) with autograd registered through ``torch.library.register_autograd``,
+(``residual_context``, ``image_context``, ``image_context_tail``, ``bn_relu_gap``,
+``global_avg_pool`` and a ``*_backward`` op each) with autograd registered through ``torch.library.register_autograd``,
 so ``torch.compile`` traces them without graph breaks. Kernels run on CUDA tensors, or on any
 device in Triton's interpreter when ``TRITON_INTERPRET=1`` is set before import (there the ops
 are registered as opaque ``custom_op`` s, since ``wrap_triton`` cannot trace interpreted
@@ -25,6 +27,7 @@ import os
 __all__ = [
     "is_available",
     "residual_context",
+    "image_context",
     "image_context_tail",
     "image_context_tail_backward",
     "bn_relu_gap",
@@ -34,6 +37,7 @@ __all__ = [
 try:
     from ._common import INTERPRETED as _INTERPRETED
     from ._head_pool import bn_relu_gap, global_avg_pool
+    from ._image_context import image_context
     from ._image_tail import image_context_tail, image_context_tail_backward
     from ._residual import residual_context
 
@@ -45,7 +49,7 @@ except Exception as _exc:  # triton missing, or a torch without torch.library.tr
     def _unavailable(*args, **kwargs):
         raise RuntimeError(f"contsup_fast.kernels is not available: {_IMPORT_ERROR}")
 
-    residual_context = image_context_tail = image_context_tail_backward = _unavailable
+    residual_context = image_context = image_context_tail = image_context_tail_backward = _unavailable
     bn_relu_gap = global_avg_pool = _unavailable
 
 

@@ -4,6 +4,7 @@ Markers: ``cuda`` (needs an NVIDIA GPU; skipped without one), ``slow`` (seconds 
 CI runs them). ``cifar10_root`` unpacks the shared CIFAR-10 copy once into a cache.
 """
 import os
+import pickle
 import subprocess
 import sys
 from pathlib import Path
@@ -16,6 +17,7 @@ try:
 except ImportError:  # pragma: no cover
     pass
 
+import numpy as np
 import pytest
 import torch
 
@@ -58,3 +60,32 @@ def cifar10_root() -> Path:
     cache.mkdir(parents=True, exist_ok=True)
     subprocess.run([sys.executable, str(pack / "unpack.py"), "--out", str(cache)], check=True)
     return cache
+
+
+def _write_pickle(path, obj):
+    with open(path, "wb") as f:
+        pickle.dump(obj, f, protocol=2)
+
+
+@pytest.fixture(scope="module")
+def tiny_cifar(tmp_path_factory):
+    """A learnable synthetic CIFAR-10 in the official layout: 200 train, 100 test images whose
+    class sets the mean colour."""
+    root = tmp_path_factory.mktemp("tinycifar")
+    folder = root / "cifar-10-batches-py"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    palette = rng.integers(30, 225, (10, 3))
+
+    def make(n):
+        y = np.arange(n) % 10
+        rng.shuffle(y)
+        x = palette[y][:, :, None, None] + rng.normal(0, 25, (n, 3, 32, 32))
+        return np.clip(x, 0, 255).astype(np.uint8).reshape(n, 3072), y
+
+    for b in range(1, 6):
+        x, y = make(40)
+        _write_pickle(folder / f"data_batch_{b}", {b"data": x, b"labels": y.tolist()})
+    x, y = make(100)
+    _write_pickle(folder / "test_batch", {b"data": x, b"labels": y.tolist()})
+    return str(root)

@@ -1,9 +1,9 @@
-"""Saved-activation accounting and the memory claims of greedy local learning."""
+"""Saved-activation and true-peak accounting, and the memory claims of greedy local learning."""
 import pytest
 import torch
 
 from contsup_fast import LocalSequential
-from contsup_fast.memory import SavedTensorMeter, main, measure_step
+from contsup_fast.memory import AllocationPeak, SavedTensorMeter, main, measure_step
 from contsup_fast.models import resnet32, resnet110
 
 
@@ -18,6 +18,33 @@ def test_meter_counts_unique_storages_and_releases_them():
     del y, z
     assert meter.current == 0
     assert meter.peak == (32 * 64 + 32 * 64) * 4
+
+
+def test_allocation_peak_sums_allocator_events_in_time_order():
+    with AllocationPeak("cpu", timeline=True) as m:
+        a = torch.empty(1000)        # +4000
+        b = torch.empty(2000)        # +8000: peak 12000
+        del a                        # -4000
+        c = torch.empty(500)         # +2000
+    assert (m.peak, m.end, m.source) == (12000, 10000, "profiler")
+    assert [live for _, live in m.timeline] == [4000, 12000, 8000, 10000]
+    assert m.peak_ns == m.timeline[1][0]
+    del b, c
+    with pytest.raises(ValueError, match="device must be a CPU or CUDA device"):
+        AllocationPeak("meta")
+
+
+def test_true_peak_counts_what_saved_tensors_miss():
+    """A step's true peak holds its saved activations and more (activation gradients,
+    temporaries, new parameter gradients); both are measured in the same step."""
+    torch.manual_seed(0)
+    local = LocalSequential(resnet32(), K=4, context="R0", backend="torch")
+    x, y = torch.randn(4, 3, 32, 32), torch.randint(0, 10, (4,))
+    mem = measure_step(local, x, y)
+    assert mem.true_source == "profiler" and mem.cuda_peak is None
+    params = sum(p.numel() * 4 for p in local.parameters())
+    assert mem.true_peak > mem.saved_peak > 0
+    assert mem.true_peak > params  # every .grad was None and is created in the step
 
 
 def _step_peak(make, K, context, batch=8, backend="torch"):
@@ -43,8 +70,17 @@ def test_local_modules_free_their_activations():
 
 
 def test_memory_command_prints_the_table(capsys, tmp_path):
-    rows = main(["--models", "resnet32", "--K", "2", "--contexts", "R0", "R1E", "--batch", "2",
+    rows = main(["--models", "resnet32", "--K", "2", "--contexts", "R0", "R1E", "--batch", "2", "--warmup", "0",
                  "--json", str(tmp_path / "m.json")])
     text = capsys.readouterr().out
-    assert "E2E" in text and "R1E" in text and (tmp_path / "m.json").exists()
-    assert rows[0]["saved_ratio"] == 1.0 and len(rows) == 3
+    assert "E2E" in text and "R1E" in text and "true MiB" in text and (tmp_path / "m.json").exists()
+    assert rows[0]["saved_ratio"] == 1.0 and rows[0]["true_ratio"] == 1.0 and len(rows) == 3
+    assert all(r["true_peak_MiB"] >= r["saved_peak_MiB"] for r in rows)
+
+
+def test_memory_command_bad_model_is_one_line(capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["--models", "resnet7", "--K", "2", "--contexts", "R0", "--batch", "2", "--warmup", "0"])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error:") and "resnet7" in err and "Traceback" not in err

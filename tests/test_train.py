@@ -1,7 +1,6 @@
 """Training CLI: logs, checkpoints, exact resume, interrupts, argument checks, a real short run."""
 import json
 import os
-import pickle
 import signal
 
 import numpy as np
@@ -12,35 +11,6 @@ from contsup_fast import train as T
 from contsup_fast.checkpoint import load_checkpoint
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*differs from the official release")
-
-
-def _write_pickle(path, obj):
-    with open(path, "wb") as f:
-        pickle.dump(obj, f, protocol=2)
-
-
-@pytest.fixture(scope="module")
-def tiny_cifar(tmp_path_factory):
-    """A learnable synthetic CIFAR-10 in the official layout: 200 train, 100 test images whose
-    class sets the mean colour."""
-    root = tmp_path_factory.mktemp("tinycifar")
-    folder = root / "cifar-10-batches-py"
-    folder.mkdir()
-    rng = np.random.default_rng(0)
-    palette = rng.integers(30, 225, (10, 3))
-
-    def make(n):
-        y = np.arange(n) % 10
-        rng.shuffle(y)
-        x = palette[y][:, :, None, None] + rng.normal(0, 25, (n, 3, 32, 32))
-        return np.clip(x, 0, 255).astype(np.uint8).reshape(n, 3072), y
-
-    for b in range(1, 6):
-        x, y = make(40)
-        _write_pickle(folder / f"data_batch_{b}", {b"data": x, b"labels": y.tolist()})
-    x, y = make(100)
-    _write_pickle(folder / "test_batch", {b"data": x, b"labels": y.tolist()})
-    return str(root)
 
 
 def _argv(data, out, *extra):
@@ -224,3 +194,31 @@ def test_real_cifar10_short_run(cifar10_root, tmp_path):
                   "--no-progress"])
     assert res["context"] == "R1E" and res["epochs"] == 3
     assert res["final_test_acc"] > 30.0
+
+
+@pytest.mark.parametrize("gate", ["ramp", "learned"])
+def test_context_gate_options(tiny_cifar, tmp_path, gate):
+    """--context-gate reaches LocalSequential; learned gates get no weight decay; the log
+    records the last module's loss of every step."""
+    out = tmp_path / "run"
+    res = T.run(_argv(tiny_cifar, out, "--epochs", "1", "--context-gate", gate))
+    assert np.isfinite(res["train_loss"])
+    ck = load_checkpoint(out)
+    groups = ck["optimizer"]["param_groups"]
+    if gate == "learned":
+        assert len(groups) == 2 and groups[1]["weight_decay"] == 0.0
+        assert any(k.endswith(".context.gate") for k in ck["model"])
+    else:
+        assert len(groups) == 1
+        # ramp over the (capped) warm-up: 1 epoch / 4 = 1 of 4 steps; all 4 steps taken
+        assert int(ck["model"]["context_gate_step"]) == 4
+    log = json.loads((out / "log.json").read_text())
+    assert log["args"]["context_gate"] == gate
+    assert len(log["epochs"][0]["step_losses"]) == 4
+
+
+def test_warmup_start_floor():
+    f = T._lr_lambda(4, 10, start=0.5)
+    assert [round(f(i), 4) for i in range(4)] == [0.625, 0.75, 0.875, 1.0]
+    g = T._lr_lambda(4, 10)
+    assert [g(i) for i in range(4)] == [0.25, 0.5, 0.75, 1.0]

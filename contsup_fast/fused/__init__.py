@@ -10,6 +10,12 @@ signatures of :mod:`contsup_fast.fused.reference`:
 * ``bn_relu_gap(z, bn_weight, bn_bias, running_mean, running_var, training, eps)
   -> (pooled, mean, var)``
 * ``global_avg_pool(h) -> pooled``
+* ``image_context(h, u, weight, bias, bn_weight, bn_bias, running_mean, running_var,
+  training, eps) -> (out, mean, var)``: the image encoder's second convolution, BN, ReLU,
+  pooling and the add, never materialising the full-resolution convolution output. The
+  ``torch`` backend runs :func:`~contsup_fast.fused.chunked.image_context_chunked` (a
+  batch-chunked eager recompute); ``triton``/``native`` run their module's ``image_context``
+  when it has one and fall back to the chunked version otherwise.
 
 Backends:
 
@@ -31,6 +37,7 @@ from typing import List
 import torch
 
 from . import reference
+from .chunked import image_context_chunked
 
 __all__ = ["BACKENDS", "available_backends", "resolve_backend", "reference"]
 
@@ -42,6 +49,7 @@ _TORCH = SimpleNamespace(
     image_context_tail=reference.image_context_tail_ref,
     bn_relu_gap=reference.bn_relu_gap_ref,
     global_avg_pool=reference.global_avg_pool_ref,
+    image_context=image_context_chunked,
 )
 
 
@@ -108,5 +116,6 @@ def resolve_backend(name: str, device: torch.device | str = "cpu"):
         image_context_tail=mod.image_context_tail,
         bn_relu_gap=mod.bn_relu_gap,
         global_avg_pool=mod.global_avg_pool,
+        image_context=getattr(mod, "image_context", image_context_chunked),
         image_context_tail_backward=getattr(mod, "image_context_tail_backward", None),
     )

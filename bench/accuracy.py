@@ -1,0 +1,334 @@
+"""Accuracy A/B harness: the project's accuracy evidence (``python -m bench.accuracy``).
+
+A *protocol* fixes the model, K, the training recipe (epochs, subset, batch, lr, warm-up),
+the seeds and a list of *variants*, each a set of training-CLI options (E2E is ``--K 1``).
+Every (variant, seed) run goes through the real training code, ``python -m
+contsup_fast.train``, in its own process and run folder, so a stopped harness resumes where
+it stopped (finished runs are skipped, interrupted ones continue from their checkpoint).
+
+Outputs, under ``--out`` (default ``bench/results``):
+
+* ``accuracy_<preset>.json``: environment, protocol, every run's per-epoch records and the
+  summary (test accuracy mean and spread over seeds at each evaluated epoch);
+* ``accuracy_<preset>.png``: test accuracy against epoch, one line per variant (mean over
+  seeds) with a band from the lowest to the highest seed;
+* ``accuracy_<preset>_loss.png``: the last module's loss over the first epoch's steps
+  (mean over seeds), where the context-supply loss spike shows.
+
+Presets: ``cpu`` (fits one 2-core session: ResNet-32, K=16, a 10,000-image class-balanced
+subset, batch 128, lr 0.1, 3 warm-up epochs into cosine, 12 epochs, 2 seeds), ``gpu`` (the
+paper's recipe: full data, 160 epochs, batch 1024, lr 0.8, 10 warm-up epochs, bf16,
+channels_last; ``--epochs`` to fit a lease, the same for every row) and ``smoke`` (seconds,
+for the tests). Accuracies on the shared JPEG-lossy CIFAR-10 copy are comparable with each
+other only, never with published CIFAR-10 numbers.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence
+
+import torch
+
+from .common import RESULTS, environment, format_table, write_json
+
+__all__ = ["Protocol", "PRESETS", "run_protocol", "summarize", "main"]
+
+
+@dataclass
+class Protocol:
+    """What an A/B compares. ``variants`` maps a row name to its extra training-CLI options."""
+
+    name: str
+    model: str
+    K: int
+    variants: Dict[str, List[str]]
+    epochs: int
+    subset: Optional[int]
+    seeds: List[int]
+    batch_size: int
+    lr: float
+    warmup_epochs: float
+    eval_every: int = 1
+    extra: List[str] = field(default_factory=list)
+
+    def argv(self, variant: str, seed: int, data_dir: str, out: str, threads: Optional[int]) -> List[str]:
+        """Training-CLI arguments of one run (the variant's options come last and win)."""
+        a = ["--model", self.model, "--K", str(self.K), "--epochs", str(self.epochs),
+             "--batch-size", str(self.batch_size), "--lr", str(self.lr),
+             "--warmup-epochs", str(self.warmup_epochs), "--seed", str(seed),
+             "--eval-every", str(self.eval_every), "--data-dir", data_dir, "--out", out,
+             "--no-progress"]
+        if self.subset:
+            a += ["--subset", str(self.subset)]
+        if threads:
+            a += ["--threads", str(threads)]
+        return a + list(self.extra) + list(self.variants[variant])
+
+
+_E2E = ["--K", "1", "--context", "R0"]
+PRESETS: Dict[str, Protocol] = {
+    "cpu": Protocol(
+        name="cpu", model="resnet32", K=16, epochs=12, subset=10000, seeds=[0, 1],
+        batch_size=128, lr=0.1, warmup_epochs=3, eval_every=3,
+        variants={"E2E": _E2E, "R0": ["--context", "R0"], "R1E": ["--context", "R1E"],
+                  "R1E ramp": ["--context", "R1E", "--context-gate", "ramp"]}),
+    "gpu": Protocol(
+        name="gpu", model="resnet32", K=16, epochs=160, subset=None, seeds=[0],
+        batch_size=1024, lr=0.8, warmup_epochs=10, eval_every=5,
+        extra=["--amp", "bf16", "--channels-last"],
+        variants={"E2E": _E2E, "R0": ["--context", "R0"], "E": ["--context", "E"],
+                  "R1": ["--context", "R1"], "R1E": ["--context", "R1E"],
+                  "R1E ramp": ["--context", "R1E", "--context-gate", "ramp"],
+                  "R1E supcon": ["--context", "R1E", "--loss", "supcon"]}),
+    "smoke": Protocol(
+        name="smoke", model="resnet20", K=4, epochs=2, subset=64, seeds=[0, 1],
+        batch_size=32, lr=0.05, warmup_epochs=0.5, eval_every=1,
+        variants={"R0": ["--context", "R0"], "R1E ramp": ["--context", "R1E", "--context-gate", "ramp"]}),
+}
+
+
+def _run_dir(root: Path, variant: str, seed: int) -> Path:
+    slug = variant.replace(" ", "_").replace("/", "-")
+    return root / f"{slug}_seed{seed}"
+
+
+def _load_log(run_dir: Path) -> Optional[dict]:
+    try:
+        with open(run_dir / "log.json") as f:
+            return json.load(f)
+    except (OSError, ValueError):
+        return None
+
+
+def run_protocol(p: Protocol, data_dir: str, runs_root: Path, jobs: int = 1,
+                 threads: Optional[int] = None, log=print) -> Dict[str, Dict[int, dict]]:
+    """Train every (variant, seed) of ``p`` that has not finished yet, ``jobs`` at a time.
+
+    Each run is ``python -m contsup_fast.train`` in its own process; a run folder holding a
+    checkpoint is resumed (``--resume``), one whose log has a ``final`` record is skipped.
+
+    Returns:
+        ``{variant: {seed: log.json contents}}`` for every run.
+
+    Raises:
+        RuntimeError: a run failed (its exit status and the tail of its output).
+    """
+    runs_root.mkdir(parents=True, exist_ok=True)
+    todo = []
+    for seed in p.seeds:  # seed-major: the first seed of every row finishes first
+        for variant in p.variants:
+            d = _run_dir(runs_root, variant, seed)
+            log_ = _load_log(d)
+            if log_ is not None and "final" in log_:
+                continue
+            argv = p.argv(variant, seed, data_dir, str(d), threads)
+            if (d / "checkpoint.pt").exists():
+                argv = ["--resume", str(d), "--no-progress"] + (["--threads", str(threads)] if threads else [])
+            todo.append((variant, seed, d, argv))
+    running: List[tuple] = []
+    env = dict(os.environ)
+    try:
+        while todo or running:
+            while todo and len(running) < jobs:
+                variant, seed, d, argv = todo.pop(0)
+                d.mkdir(parents=True, exist_ok=True)
+                out = open(d / "train.out", "a")
+                log(f"start {variant!r} seed {seed}: {' '.join(argv)}")
+                proc = subprocess.Popen([sys.executable, "-m", "contsup_fast.train"] + argv,
+                                        stdout=out, stderr=subprocess.STDOUT, env=env)
+                running.append((variant, seed, d, proc, out, time.time()))
+            for item in list(running):
+                variant, seed, d, proc, out, t0 = item
+                if proc.poll() is None:
+                    continue
+                out.close()
+                running.remove(item)
+                if proc.returncode != 0:
+                    tail = (d / "train.out").read_text().strip().splitlines()[-5:]
+                    raise RuntimeError(f"run {variant!r} seed {seed} exited with status "
+                                       f"{proc.returncode}: " + " | ".join(tail))
+                log(f"done  {variant!r} seed {seed} in {time.time() - t0:.0f} s")
+            time.sleep(0.5)
+    finally:  # interrupted: stop the children (each saves a checkpoint on SIGINT)
+        for _, _, _, proc, out, _ in running:
+            if proc.poll() is None:
+                proc.send_signal(2)
+        for _, _, _, proc, out, _ in running:
+            try:
+                proc.wait(timeout=120)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+            out.close()
+    return {v: {s: _load_log(_run_dir(runs_root, v, s)) for s in p.seeds} for v in p.variants}
+
+
+def _mean_spread(values: Sequence[float]):
+    values = [v for v in values if v is not None]
+    if not values:
+        return None, None
+    mean = statistics.fmean(values)
+    spread = (max(values) - min(values)) / 2 if len(values) > 1 else 0.0
+    return mean, spread
+
+
+def summarize(p: Protocol, logs: Dict[str, Dict[int, dict]]) -> Dict[str, dict]:
+    """Per variant: the evaluated epochs, test accuracy mean/half-range over seeds at each, the
+    final accuracy, the mean last-module loss of the first epoch, images/s and peak memory."""
+    out = {}
+    for variant, by_seed in logs.items():
+        finished = {s: l for s, l in by_seed.items() if l}
+        epochs = sorted({e["epoch"] for l in finished.values() for e in l["epochs"]
+                         if e.get("test_acc") is not None})
+        acc = {}
+        for ep in epochs:
+            vals = [e["test_acc"] for l in finished.values() for e in l["epochs"] if e["epoch"] == ep]
+            mean, spread = _mean_spread(vals)
+            acc[ep] = {"mean": mean, "spread": spread, "seeds": vals}
+        first = [l["epochs"][0] for l in finished.values() if l["epochs"]]
+        first_loss = [statistics.fmean(e["step_losses"]) for e in first if e.get("step_losses")]
+        final = [l.get("final", {}).get("final_test_acc") for l in finished.values()]
+        out[variant] = {
+            "seeds_finished": sorted(s for s, l in finished.items() if "final" in l),
+            "test_acc": acc,
+            "final_test_acc": _mean_spread(final)[0] if any(v is not None for v in final) else None,
+            "final_test_acc_spread": _mean_spread(final)[1],
+            "first_epoch_last_module_loss": _mean_spread(first_loss)[0],
+            "images_per_s": _mean_spread([e["images_per_s"] for e in first])[0],
+            "peak_mem_mib": _mean_spread([e["peak_mem_mib"] for e in first])[0],
+            "peak_mem_kind": first[0].get("peak_mem_kind") if first else None,
+        }
+    return out
+
+
+def table(summary: Dict[str, dict]) -> str:
+    """Text table: test accuracy (mean ± half-range over seeds) at each evaluated epoch."""
+    epochs = sorted({ep for s in summary.values() for ep in s["test_acc"]})
+    rows = []
+    for variant, s in summary.items():
+        row = {"variant": variant, "seeds": len(s["seeds_finished"])}
+        for ep in epochs:
+            a = s["test_acc"].get(ep)
+            row[f"ep{ep}"] = f"{a['mean']:.2f}±{a['spread']:.2f}" if a else None
+        loss = s["first_epoch_last_module_loss"]
+        row["ep1 last loss"] = f"{loss:.2f}" if loss is not None else None
+        rows.append(row)
+    return format_table(rows, ["variant", "seeds"] + [f"ep{e}" for e in epochs] + ["ep1 last loss"])
+
+
+def plot(p: Protocol, logs: Dict[str, Dict[int, dict]], summary: Dict[str, dict], out_dir: Path) -> List[Path]:
+    """The two PNGs: accuracy against epoch (band over seeds), first-epoch last-module loss."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    paths = []
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for variant, s in summary.items():
+        eps = sorted(s["test_acc"])
+        if not eps:
+            continue
+        vals = [s["test_acc"][e]["seeds"] for e in eps]
+        ax.plot(eps, [statistics.fmean(v) for v in vals], marker="o", label=variant)
+        ax.fill_between(eps, [min(v) for v in vals], [max(v) for v in vals], alpha=0.2)
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("test accuracy (%)")
+    ax.set_title(f"{p.model}, K={p.K}, {p.subset or 'all'} train images, batch {p.batch_size}, "
+                 f"{len(p.seeds)} seeds\n(JPEG-lossy CIFAR-10 copy: not official numbers)", fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    paths.append(out_dir / f"accuracy_{p.name}.png")
+    fig.savefig(paths[-1], dpi=110)
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for variant, by_seed in logs.items():
+        curves = [l["epochs"][0]["step_losses"] for l in by_seed.values()
+                  if l and l["epochs"] and l["epochs"][0].get("step_losses")]
+        if not curves:
+            continue
+        n = min(len(c) for c in curves)
+        ax.plot(range(1, n + 1), [statistics.fmean(c[i] for c in curves) for i in range(n)], label=variant)
+    ax.set_yscale("log")
+    ax.set_xlabel("step of epoch 1")
+    ax.set_ylabel("last-module loss (mean over seeds)")
+    ax.set_title("the context-supply start: last module's loss in the first epoch", fontsize=9)
+    ax.grid(alpha=0.3, which="both")
+    ax.legend()
+    fig.tight_layout()
+    paths.append(out_dir / f"accuracy_{p.name}_loss.png")
+    fig.savefig(paths[-1], dpi=110)
+    plt.close(fig)
+    return paths
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="python -m bench.accuracy", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--preset", default="cpu", choices=sorted(PRESETS), help="the protocol")
+    ap.add_argument("--data-dir", default=None,
+                    help="folder holding cifar-10-batches-py (default: the training CLI's default)")
+    ap.add_argument("--runs", default=None, help="run folders (default runs/accuracy_<preset>)")
+    ap.add_argument("--out", default=None, help="JSON/PNG folder (default bench/results)")
+    ap.add_argument("--variants", nargs="+", default=None, help="only these rows (names of the preset)")
+    ap.add_argument("--seeds", nargs="+", type=int, default=None, help="override the preset's seeds")
+    ap.add_argument("--epochs", type=int, default=None, help="override the preset's epochs (all rows)")
+    ap.add_argument("--jobs", type=int, default=1, help="runs at once")
+    ap.add_argument("--threads", type=int, default=None, help="torch threads per run")
+    ap.add_argument("--report-only", action="store_true", help="summarise the runs already there")
+    return ap
+
+
+def main(argv: Optional[Sequence[str]] = None) -> dict:
+    args = build_parser().parse_args(argv)
+    p = PRESETS[args.preset]
+    if args.variants:
+        unknown = [v for v in args.variants if v not in p.variants]
+        if unknown:
+            raise SystemExit(f"--variants: {unknown} not in preset {p.name!r} (has {list(p.variants)})")
+        p = replace(p, variants={v: p.variants[v] for v in args.variants})
+    if args.seeds:
+        p = replace(p, seeds=list(args.seeds))
+    if args.epochs:
+        p = replace(p, epochs=args.epochs)
+    runs_root = Path(args.runs or os.path.join("runs", f"accuracy_{p.name}"))
+    out_dir = Path(args.out) if args.out else RESULTS
+    out_dir.mkdir(parents=True, exist_ok=True)
+    data_dir = args.data_dir
+    if data_dir is None:
+        from contsup_fast.data import find_data_dir
+        try:
+            data_dir = find_data_dir("cifar10", None)
+        except FileNotFoundError as exc:
+            raise SystemExit(f"--data-dir: {exc}")
+    t0 = time.time()
+    if args.report_only:
+        logs = {v: {s: _load_log(_run_dir(runs_root, v, s)) for s in p.seeds} for v in p.variants}
+    else:
+        try:
+            logs = run_protocol(p, str(data_dir), runs_root, jobs=args.jobs, threads=args.threads)
+        except RuntimeError as exc:
+            raise SystemExit(f"bench.accuracy: {exc}")
+        except KeyboardInterrupt:
+            raise SystemExit(f"bench.accuracy: interrupted; runs are checkpointed under {runs_root}, "
+                             f"run the same command again to continue")
+    summary = summarize(p, logs)
+    print(table(summary))
+    payload = {"environment": environment(torch.device("cpu")), "protocol": asdict(p),
+               "runs_root": str(runs_root), "wall_s": time.time() - t0, "summary": summary,
+               "runs": {v: {str(s): l for s, l in by_seed.items()} for v, by_seed in logs.items()}}
+    path = write_json(f"accuracy_{p.name}", payload, out_dir)
+    pngs = plot(p, logs, summary, out_dir)
+    print(f"wrote {path} and {', '.join(str(x) for x in pngs)}")
+    return payload
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,601 @@
+"""``image_context``: ``out = h + avgpool_s(relu(bn(conv3x3(u, W, b, padding=1))))``, the second
+half of ContSup's image context encoder E (arXiv 2312.07636, Sec. 3, Fig. 3), fused so that the
+full-resolution (N, C, s*H, s*W) convolution output ``y`` and its gradient never exist in memory,
+forward or backward, training or eval.
+
+Notation: ``u`` (N, C_in, HB, WB) with ``HB = sH*H``, ``WB = sW*W``; ``K9 = 9*C_in``; the
+zero-padded 3x3 patch of big pixel ``p = (n, y, x)`` is the K9-vector ``x_p[k]`` with
+``k = ci*9 + 3*dy + dx`` (the order of ``W.reshape(C, K9)``) and ``x_p[k] = u[n, ci, y+dy-1,
+x+dx-1]`` (0 outside the image), so ``y_p = W x_p + b``; ``M = N*HB*WB``.
+
+* statistics (training, ``_patch_gram_kernel``): one pass over ``u`` gathers the patch mean
+  ``mu`` (K9,) and biased covariance ``S`` (K9, K9) (a Gram matrix of shifted patches, upper
+  tiles only); ``mean_c = W_c . mu + b_c``, ``var_c = W_c^T S W_c``;
+* apply (``_ic_apply_kernel``): per tile of pooled positions and channels, the conv is
+  recomputed as an implicit GEMM (``W`` (C, K9) @ gathered patches (K9, tile)), BatchNorm
+  folded to ``scale, shift``, ReLU, averaged over the ``sH x sW`` window, ``h`` added;
+* backward sums (``_ic_grad_sums_kernel``): the same recompute gives the ReLU mask and
+  ``dz = pool^T(grad_out) * [bn(y) > 0]``; one pass gathers ``D = sum dz`` and
+  ``G = sum dz (x_p - center)^T`` (C, K9) (``center = mu`` in training, 0 in eval). The closed
+  form (BatchNorm, Ioffe & Szegedy 2015; as in ``_residual.py``) is ``dbeta = D`` and
+  train: ``dgamma = rstd*rowsum(W*G)``, ``dW = gamma*rstd*(G - dgamma*rstd*W S)``, ``db = 0``;
+  eval: ``dgamma = rstd*(rowsum(W*G) + (b - mean) D)``, ``dW = gamma*rstd*G``, ``db = gamma*rstd*D``;
+* grad_u (``_ic_grad_input_kernel``): ``grad_u = conv_transpose3x3(dy, W)`` with
+  ``dy = k1*dz + k2*(y - b) + k3`` (per-channel ``k``). Persistent programs walk rectangular
+  regions of the big image (``RH x RW`` pixels in ``LANES`` lanes); each recomputes ``dy`` on
+  its region, writes it to a small per-program scratch (``LANES * C`` values, in L2 on a GPU),
+  and forms ``grad_u`` on the region's interior (1-pixel halo) from 9 shifted reads of it.
+"""
+from typing import Dict, Optional, Tuple
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from ._common import (INTERPRETED, _sm_count, acc_dtype, add_base, bn_fold, check_bn_args,
+                      check_tensor, check_vec, chunk_block, chunk_bounds, define_op, dot_config,
+                      launch, mma, pixel_block, pool_factor, pow2, split_pixels, split_plan, strides4,
+                      to_acc, zeros_acc)
+
+
+# ----------------------------------------------------------------------------------------
+# @triton.jit helpers
+# ----------------------------------------------------------------------------------------
+@triton.jit
+def _patch_offsets(n, y, x, mp, k, K9, sN, sC, sH, sW, HB, WB):
+    """Offsets (BLOCK_K, BLOCK_P) of the zero-padded 3x3 patches of the big pixels
+    ``(n, y, x)`` (vectors, lanes ``mp`` valid): row ``k = ci*9 + 3*dy + dx`` addresses
+    ``u[n, ci, y+dy-1, x+dx-1]``. Returns ``(off, inside, valid)``: ``valid`` = real row and
+    lane, ``inside`` = valid and within the image (else the padded value 0)."""
+    ci = k // 9
+    t = k - ci * 9
+    dy = t // 3
+    dx = t - dy * 3
+    yy = y[None, :] + (dy - 1)[:, None]
+    xx = x[None, :] + (dx - 1)[:, None]
+    valid = (k < K9)[:, None] & mp[None, :]
+    inside = valid & (yy >= 0) & (yy < HB) & (xx >= 0) & (xx < WB)
+    off = n[None, :] * sN + ci[:, None] * sC + yy * sH + xx * sW
+    return off, inside, valid
+
+
+@triton.jit
+def _conv_tile(u_ptr, n, y, x, mp, sN, sC, sH, sW, HB, WB, K9, w_ptr, co, mc, acc,
+               BLOCK_K: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr):
+    """``acc + W[co, :] @ x_p`` for the lanes ``p = (n, y, x)``: the conv3x3 output without
+    bias, a (BLOCK_C, BLOCK_P) tile (implicit GEMM over K9 in BLOCK_K chunks); ``w_ptr`` is
+    W (C, K9) contiguous in the dot dtype."""
+    for k0 in range(0, K9, BLOCK_K):
+        k = k0 + tl.arange(0, BLOCK_K)
+        off, inside, _ = _patch_offsets(n, y, x, mp, k, K9, sN, sC, sH, sW, HB, WB)
+        xt = tl.load(u_ptr + off, mask=inside, other=0)
+        wt = tl.load(w_ptr + co[:, None] * K9 + k[None, :], mask=mc[:, None] & (k < K9)[None, :],
+                     other=0)
+        acc = mma(wt, xt, acc, PREC, UPCAST)
+    return acc
+
+
+# ----------------------------------------------------------------------------------------
+# kernels
+# ----------------------------------------------------------------------------------------
+@triton.jit
+def _patch_gram_kernel(
+    u_ptr, sN, sC, sH, sW, HB, WB, K9, P, CHUNK, piv_ptr, gram_ptr, sum_ptr,
+    SHIFT: tl.constexpr, FP64: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_P: tl.constexpr,
+    PREC: tl.constexpr, UPCAST: tl.constexpr,
+):
+    """Partial Gram matrix ``sum_p x_p x_p^T`` (tile (ti, tj), ti <= tj only) and patch sums
+    over the big pixels of split ``sp``; with ``SHIFT`` every patch is shifted by ``piv``
+    (``u[0, ci, 0, 0]`` for each of its rows; the padded zeros too, so the covariance is
+    unchanged)."""
+    sp = tl.program_id(0)
+    ti = tl.program_id(1)
+    tj = tl.program_id(2)
+    if tj >= ti:
+        ki = ti * BLOCK_K + tl.arange(0, BLOCK_K)
+        kj = tj * BLOCK_K + tl.arange(0, BLOCK_K)
+        if SHIFT:
+            piv_i = tl.load(piv_ptr + ki, mask=ki < K9, other=0)
+            piv_j = tl.load(piv_ptr + kj, mask=kj < K9, other=0)
+        acc = zeros_acc(BLOCK_K, BLOCK_K, FP64)
+        s1 = zeros_acc(BLOCK_K, BLOCK_P, FP64)
+        start, end = chunk_bounds(sp, CHUNK, P)
+        for p0 in range(start, end, BLOCK_P):
+            mp, n, y, x = chunk_block(p0, end, HB * WB, WB, BLOCK_P)
+            off_i, in_i, val_i = _patch_offsets(n, y, x, mp, ki, K9, sN, sC, sH, sW, HB, WB)
+            off_j, in_j, val_j = _patch_offsets(n, y, x, mp, kj, K9, sN, sC, sH, sW, HB, WB)
+            xi = tl.load(u_ptr + off_i, mask=in_i, other=0)
+            xj = tl.load(u_ptr + off_j, mask=in_j, other=0)
+            if SHIFT:
+                xi = tl.where(val_i, to_acc(xi, FP64) - piv_i[:, None], 0.0)
+                xj = tl.where(val_j, to_acc(xj, FP64) - piv_j[:, None], 0.0)
+            acc = mma(xi, tl.trans(xj), acc, PREC, UPCAST)
+            s1 += to_acc(xi, FP64)
+        tl.store(gram_ptr + sp * K9 * K9 + ki[:, None] * K9 + kj[None, :], acc,
+                 mask=(ki < K9)[:, None] & (kj < K9)[None, :])
+        if ti == tj:
+            tl.store(sum_ptr + sp * K9 + ki, tl.sum(s1, 1), mask=ki < K9)
+
+
+@triton.jit
+def _ic_apply_kernel(
+    h_ptr, hN, hC, hH, hW, o_ptr, oN, oC, oH, oW, u_ptr, sN, sC, sH, sW, HB, WB, K9,
+    w_ptr, bn_ptr, C, HO, WO, Q, SH, SW,
+    FP64: tl.constexpr, H_FP64: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr,
+    BLOCK_Q: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr,
+):
+    """out[n, c, i, j] = h + mean_{a<SH, b<SW} relu(conv(u)[n, c, i*SH+a, j*SW+b]*scale + shift);
+    ``bn_ptr`` is the (2, C) folded BatchNorm (scale; shift + bias*scale)."""
+    q = tl.program_id(0) * BLOCK_Q + tl.arange(0, BLOCK_Q)
+    co = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    mq = q < Q
+    mc = co < C
+    n, i, j = split_pixels(q, HO * WO, WO)
+    scale = tl.load(bn_ptr + co, mask=mc, other=0)[:, None]
+    shift = tl.load(bn_ptr + C + co, mask=mc, other=0)[:, None]
+    acc = zeros_acc(BLOCK_C, BLOCK_Q, FP64)
+    for a in range(SH):
+        for b in range(SW):
+            y = _conv_tile(u_ptr, n, i * SH + a, j * SW + b, mq, sN, sC, sH, sW, HB, WB, K9,
+                           w_ptr, co, mc, zeros_acc(BLOCK_C, BLOCK_Q, FP64), BLOCK_K, PREC, UPCAST)
+            acc += tl.maximum(y * scale + shift, 0.0)
+    m2 = mc[:, None] & mq[None, :]
+    hv = tl.load(h_ptr + n[None, :] * hN + co[:, None] * hC + (i * hH + j * hW)[None, :], mask=m2)
+    res = add_base(hv, acc / (SH * SW), FP64, H_FP64)  # not * (1.0/..): fp32 reciprocal
+    o_off = n[None, :] * oN + co[:, None] * oC + (i * oH + j * oW)[None, :]
+    tl.store(o_ptr + o_off, res.to(o_ptr.dtype.element_ty), mask=m2)
+
+
+@triton.jit
+def _ic_grad_sums_kernel(
+    g_ptr, gN, gC, gH, gW, C, HO, WO, Q, QCHUNK,
+    u_ptr, sN, sC, sH, sW, HB, WB, K9, w_ptr, bn_ptr, center_ptr, SH, SW, gpart_ptr, dpart_ptr,
+    FP64: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_Q: tl.constexpr,
+    PREC: tl.constexpr, UPCAST: tl.constexpr,
+):
+    """Partial ``G[co, k] = sum dz (x_p[k] - center[k])`` (tile (co, k)) and ``D[co] = sum dz``
+    over the pooled positions of split ``sp``; ``dz = grad_out[pooled] * [bn(y) > 0]`` (the
+    1/(SH*SW) of the pool is applied in the finalize)."""
+    sp = tl.program_id(0)
+    co = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    kk = tl.program_id(2) * BLOCK_K + tl.arange(0, BLOCK_K)
+    mc = co < C
+    scale = tl.load(bn_ptr + co, mask=mc, other=0)[:, None]
+    shift = tl.load(bn_ptr + C + co, mask=mc, other=0)[:, None]
+    center = tl.load(center_ptr + kk, mask=kk < K9, other=0)
+    G = zeros_acc(BLOCK_C, BLOCK_K, FP64)
+    D = zeros_acc(BLOCK_C, BLOCK_Q, FP64)
+    start, end = chunk_bounds(sp, QCHUNK, Q)
+    for q0 in range(start, end, BLOCK_Q):
+        mq, n, i, j = chunk_block(q0, end, HO * WO, WO, BLOCK_Q)
+        g_off = n[None, :] * gN + co[:, None] * gC + (i * gH + j * gW)[None, :]
+        g = to_acc(tl.load(g_ptr + g_off, mask=mc[:, None] & mq[None, :], other=0), FP64)
+        for a in range(SH):
+            for b in range(SW):
+                yb = i * SH + a
+                xb = j * SW + b
+                y = _conv_tile(u_ptr, n, yb, xb, mq, sN, sC, sH, sW, HB, WB, K9, w_ptr, co, mc,
+                               zeros_acc(BLOCK_C, BLOCK_Q, FP64), BLOCK_K, PREC, UPCAST)
+                dz = tl.where(y * scale + shift > 0, g, 0.0)
+                D += dz
+                off, inside, valid = _patch_offsets(n, yb, xb, mq, kk, K9, sN, sC, sH, sW, HB, WB)
+                xk = tl.load(u_ptr + off, mask=inside, other=0)
+                xc = tl.where(valid, to_acc(xk, FP64) - center[:, None], 0.0).to(xk.dtype)
+                G = mma(dz.to(xk.dtype), tl.trans(xc), G, PREC, UPCAST)
+    tl.store(gpart_ptr + sp * C * K9 + co[:, None] * K9 + kk[None, :], G,
+             mask=mc[:, None] & (kk < K9)[None, :])
+    if tl.program_id(2) == 0:
+        tl.store(dpart_ptr + sp * C + co, tl.sum(D, 1), mask=mc)
+
+
+@triton.jit
+def _ic_grad_input_kernel(
+    g_ptr, gN, gC, gH, gW, u_ptr, sN, sC, sH, sW, CI, HB, WB, K9, w_ptr, coef_ptr, C, SH, SW,
+    d_ptr, dN, dC, dH, dW, scratch_ptr, TILES, TILES_W, TILES_PER_IMG, RH, RW,
+    FP64: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_CI: tl.constexpr,
+    LANES: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr,
+):
+    """``grad_u = conv_transpose3x3(dy, W)`` over regions of ``RH x RW`` big pixels (lanes
+    ``r < RH*RW``, origin one pixel above-left of the interior): ``dy = k1*dz + k2*y + k3``
+    (``y`` without bias, ``dz = grad_out[pooled] * [y*scale + shift > 0]``, 0 outside the
+    image) is recomputed on the region and staged in this program's scratch; the interior
+    lanes then read it at the 9 tap offsets. ``coef_ptr`` is (5, C): scale, shift, k1, k2, k3."""
+    pid = tl.program_id(0)
+    cib = tl.program_id(1)
+    ci = cib * BLOCK_CI + tl.arange(0, BLOCK_CI)
+    mci = ci < CI
+    r = tl.arange(0, LANES)
+    ry = r // RW
+    rx = r - ry * RW
+    lane = r < RH * RW
+    interior = lane & (ry >= 1) & (ry < RH - 1) & (rx >= 1) & (rx < RW - 1)
+    cl = tl.arange(0, BLOCK_C)
+    scr = scratch_ptr + (pid * tl.num_programs(1) + cib) * (BLOCK_C * LANES)
+    for t in range(pid, TILES, tl.num_programs(0)):
+        n = t // TILES_PER_IMG
+        rem = t - n * TILES_PER_IMG
+        ty = rem // TILES_W
+        tx = rem - ty * TILES_W
+        yy = ty * (RH - 2) - 1 + ry
+        xx = tx * (RW - 2) - 1 + rx
+        inimg = lane & (yy >= 0) & (yy < HB) & (xx >= 0) & (xx < WB)
+        nv = tl.zeros([LANES], tl.int64) + n
+        du = zeros_acc(BLOCK_CI, LANES, FP64)
+        for c0 in range(0, C, BLOCK_C):
+            co = c0 + cl
+            mc = co < C
+            scale = tl.load(coef_ptr + co, mask=mc, other=0)[:, None]
+            shift = tl.load(coef_ptr + C + co, mask=mc, other=0)[:, None]
+            k1 = tl.load(coef_ptr + 2 * C + co, mask=mc, other=0)[:, None]
+            k2 = tl.load(coef_ptr + 3 * C + co, mask=mc, other=0)[:, None]
+            k3 = tl.load(coef_ptr + 4 * C + co, mask=mc, other=0)[:, None]
+            y = _conv_tile(u_ptr, nv, yy, xx, inimg, sN, sC, sH, sW, HB, WB, K9, w_ptr, co, mc,
+                           zeros_acc(BLOCK_C, LANES, FP64), BLOCK_K, PREC, UPCAST)
+            m2 = mc[:, None] & inimg[None, :]
+            g_off = nv[None, :] * gN + co[:, None] * gC + ((yy // SH) * gH + (xx // SW) * gW)[None, :]
+            g = to_acc(tl.load(g_ptr + g_off, mask=m2, other=0), FP64)
+            dy = k1 * tl.where(y * scale + shift > 0, g, 0.0) + k2 * y + k3
+            dy = tl.where(m2, dy, 0.0)
+            tl.debug_barrier()  # every lane has read the previous contents of the scratch
+            tl.store(scr + cl[:, None] * LANES + r[None, :], dy.to(scratch_ptr.dtype.element_ty))
+            tl.debug_barrier()
+            for tap in tl.static_range(9):
+                src = (ry + 1 - tap // 3) * RW + (rx + 1 - tap % 3)
+                dsh = tl.load(scr + cl[:, None] * LANES + src[None, :], mask=interior[None, :],
+                              other=0)
+                wt = tl.load(w_ptr + co[None, :] * K9 + ci[:, None] * 9 + tap,
+                             mask=mci[:, None] & mc[None, :], other=0)
+                du = mma(wt, dsh, du, PREC, UPCAST)
+        store = mci[:, None] & (interior & inimg)[None, :]
+        d_off = nv[None, :] * dN + ci[:, None] * dC + (yy * dH + xx * dW)[None, :]
+        tl.store(d_ptr + d_off, du.to(d_ptr.dtype.element_ty), mask=store)
+
+
+# ----------------------------------------------------------------------------------------
+# launch helpers and finalize (tiny (C,) / (C, K9) / (K9, K9) torch math)
+# ----------------------------------------------------------------------------------------
+def _k_block(K9: int, acc: torch.dtype, cap: int = 128) -> int:
+    """Tile over the 9*C_in patch rows (fp64 tiles: keep shared memory < 100 KB)."""
+    return pow2(K9, 16, 32 if acc == torch.float64 else cap)
+
+
+#: ``num_warps`` of the launches whose register tiles are (64 x 128) or larger on a GPU
+WARPS = 8
+
+
+def patch_moments(u: Tensor) -> Tuple[Tensor, Tensor]:
+    """Mean ``mu`` (K9,) and biased covariance ``S`` (K9, K9) of the zero-padded 3x3 patches
+    of ``u`` (N, C_in, HB, WB) over its N*HB*WB pixels (acc dtype), rows ordered like
+    ``W.reshape(C, 9*C_in)``."""
+    N, CI, HB, WB = (int(s) for s in u.shape)
+    K9, P = 9 * CI, N * HB * WB
+    acc = acc_dtype(u.dtype)
+    shift = u.dtype in (torch.float32, torch.float64)  # 16-bit: exact products, no shift
+    _, prec, upcast = dot_config(u.dtype, stats=True)
+    # 32-row tiles on a GPU compute 10 of 16 tiles for 9*C_in = 108 (64-row: 3 of 4, 20%
+    # more FLOPs); the interpreter's cost is per program, so it takes fewer, larger tiles
+    block_k, block_p = _k_block(K9, acc, cap=64 if INTERPRETED else 32), pixel_block(P, 32)
+    kt = triton.cdiv(K9, block_k)
+    splits, chunk = split_plan(P, block_p, kt * (kt + 1) // 2, u.device)
+    gram = torch.empty((splits, K9, K9), dtype=acc, device=u.device)
+    sums = torch.empty((splits, K9), dtype=acc, device=u.device)
+    piv = (u[0, :, 0, 0].to(acc).repeat_interleave(9) if shift
+           else torch.zeros(K9, dtype=acc, device=u.device))
+    launch(_patch_gram_kernel, (splits, kt, kt), u, *strides4(u), HB, WB, K9, P, chunk, piv, gram,
+           sums, SHIFT=shift, FP64=acc == torch.float64, BLOCK_K=block_k, BLOCK_P=block_p,
+           PREC=prec, UPCAST=upcast, num_warps=WARPS)
+    d = sums.sum(0) / P
+    tile = torch.arange(K9, device=u.device) // block_k
+    g = gram.sum(0)
+    g = torch.where(tile[:, None] <= tile[None, :], g, g.transpose(0, 1))  # mirror lower tiles
+    cov = g / P - d[:, None] * d[None, :]
+    return piv + d, cov
+
+
+def _apply(h: Tensor, u: Tensor, w_dot: Tensor, bn: Tensor) -> Tensor:
+    N, C, HO, WO = (int(s) for s in h.shape)
+    HB, WB = int(u.shape[2]), int(u.shape[3])
+    K9, Q = 9 * int(u.shape[1]), N * HO * WO
+    _, prec, upcast = dot_config(u.dtype)
+    acc = acc_dtype(u.dtype)
+    block_c, block_k, block_q = pow2(C, 16, 64), _k_block(K9, acc), pixel_block(Q, 64)
+    out = torch.empty_like(h)
+    launch(_ic_apply_kernel, (triton.cdiv(Q, block_q), triton.cdiv(C, block_c)),
+           h, *strides4(h), out, *strides4(out), u, *strides4(u), HB, WB, K9, w_dot, bn,
+           C, HO, WO, Q, HB // HO, WB // WO,
+           FP64=acc == torch.float64, H_FP64=h.dtype == torch.float64, BLOCK_C=block_c,
+           BLOCK_K=block_k, BLOCK_Q=block_q, PREC=prec, UPCAST=upcast, num_warps=WARPS)
+    return out
+
+
+def _grad_sums(grad_out: Tensor, u: Tensor, w_dot: Tensor, bn: Tensor,
+               center: Tensor) -> Tuple[Tensor, Tensor]:
+    """``G = sum dz (x_p - center)^T`` (C, K9) and ``D = sum dz`` (C,), pool factor included."""
+    N, C, HO, WO = (int(s) for s in grad_out.shape)
+    HB, WB = int(u.shape[2]), int(u.shape[3])
+    K9, Q = 9 * int(u.shape[1]), N * HO * WO
+    acc = acc_dtype(u.dtype)
+    _, prec, upcast = dot_config(u.dtype)
+    block_c, block_k, block_q = pow2(C, 16, 64), _k_block(K9, acc), pixel_block(Q, 64)
+    ct, kt = triton.cdiv(C, block_c), triton.cdiv(K9, block_k)
+    splits, chunk = split_plan(Q, block_q, ct * kt, u.device)
+    gpart = torch.empty((splits, C, K9), dtype=acc, device=u.device)
+    dpart = torch.empty((splits, C), dtype=acc, device=u.device)
+    sh, sw = HB // HO, WB // WO
+    launch(_ic_grad_sums_kernel, (splits, ct, kt), grad_out, *strides4(grad_out), C, HO, WO, Q,
+           chunk, u, *strides4(u), HB, WB, K9, w_dot, bn, center, sh, sw, gpart, dpart,
+           FP64=acc == torch.float64, BLOCK_C=block_c, BLOCK_K=block_k, BLOCK_Q=block_q,
+           PREC=prec, UPCAST=upcast, num_warps=WARPS)
+    inv_win = 1.0 / (sh * sw)
+    return gpart.sum(0) * inv_win, dpart.sum(0) * inv_win
+
+
+def region_plan(HB: int, WB: int, lanes: int) -> Tuple[int, int]:
+    """Region ``(RH, RW)`` (halo included, ``RH*RW <= lanes``, both >= 3) that covers an
+    ``HB x WB`` image with the fewest lanes in total."""
+    best = None
+    for rw in range(3, min(WB + 2, lanes // 3) + 1):
+        rh = min(lanes // rw, HB + 2)
+        cost = triton.cdiv(HB, rh - 2) * triton.cdiv(WB, rw - 2)
+        if best is None or cost < best[0]:
+            best = (cost, rh, rw)
+    return best[1], best[2]
+
+
+def _grad_input(grad_out: Tensor, u: Tensor, w_dot: Tensor, coef: Tensor) -> Tensor:
+    N, C, HO, WO = (int(s) for s in grad_out.shape)
+    _, CI, HB, WB = (int(s) for s in u.shape)
+    K9 = 9 * CI
+    acc = acc_dtype(u.dtype)
+    _, prec, upcast = dot_config(u.dtype)
+    if INTERPRETED:  # cost per program and op: big regions, still several per image
+        lanes = pow2(triton.cdiv((HB + 2) * (WB + 2), 2), 16, 1024)
+    else:
+        lanes = 256
+    rh, rw = region_plan(HB, WB, lanes)
+    tiles_w = triton.cdiv(WB, rw - 2)
+    per_img = triton.cdiv(HB, rh - 2) * tiles_w
+    tiles = N * per_img
+    block_c, block_k = pow2(C, 16, 64), _k_block(K9, acc, cap=32)  # (BLOCK_K, LANES) patch tiles
+    block_ci = pow2(CI, 16, 32)
+    cit = triton.cdiv(CI, block_ci)
+    if u.device.type == "cuda" and not INTERPRETED:
+        programs = min(tiles, max(1, 2 * _sm_count(u.device.index or 0) // cit))
+    else:
+        programs = min(tiles, 2)  # exercise the persistent loop
+    scratch = torch.empty((programs * cit, block_c, lanes), dtype=w_dot.dtype, device=u.device)
+    grad_u = torch.empty_like(u)
+    launch(_ic_grad_input_kernel, (programs, cit), grad_out, *strides4(grad_out), u, *strides4(u),
+           CI, HB, WB, K9, w_dot, coef, C, HB // HO, WB // WO, grad_u, *strides4(grad_u),
+           scratch, tiles, tiles_w, per_img, rh, rw,
+           FP64=acc == torch.float64, BLOCK_C=block_c, BLOCK_K=block_k, BLOCK_CI=block_ci,
+           LANES=lanes, PREC=prec, UPCAST=upcast, num_warps=WARPS)
+    return grad_u
+
+
+def _fold(weight: Tensor, bias: Tensor, gamma: Tensor, beta: Tensor, mean: Tensor, var: Tensor,
+          eps: float, u_dtype: torch.dtype):
+    """``(W (C, K9) acc, b acc, rstd, scale, w_dot, bn)``: ``bn(conv(u)) = (W x)*scale + shift'``
+    with ``bn = stack(scale, shift + b*scale)``; ``w_dot`` is W contiguous in the dot dtype
+    (rounded like an autocast conv weight; the BatchNorm scale is applied after the dot)."""
+    acc = acc_dtype(u_dtype)
+    W = weight.reshape(weight.shape[0], -1).to(acc)
+    b = bias.to(acc)
+    rstd, scale, shift = bn_fold(gamma, beta, mean.to(acc), var.to(acc), eps, acc)
+    w_dot = W.to(dot_config(u_dtype)[0]).contiguous()
+    return W, b, rstd, scale, w_dot, torch.stack((scale, shift + b * scale))
+
+
+# ----------------------------------------------------------------------------------------
+# ops
+# ----------------------------------------------------------------------------------------
+def _image_context_fwd(
+    h: Tensor, u: Tensor, weight: Tensor, bias: Tensor, bn_weight: Tensor, bn_bias: Tensor,
+    running_mean: Optional[Tensor], running_var: Optional[Tensor], training: bool, eps: float,
+) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Forward op: ``(out, mean, var, patch_mean, patch_cov)`` (the last two empty in eval)."""
+    acc = acc_dtype(u.dtype)
+    W = weight.reshape(weight.shape[0], -1).to(acc)
+    if training:
+        mu, cov = patch_moments(u)
+        mean = W @ mu + bias.to(acc)
+        var = ((W @ cov) * W).sum(1).clamp_min(0)
+    else:
+        mu, cov = u.new_empty((0,), dtype=acc), u.new_empty((0,), dtype=acc)
+        mean = running_mean.to(acc, copy=True)
+        var = running_var.to(acc, copy=True)
+    *_, w_dot, bn = _fold(weight, bias, bn_weight, bn_bias, mean, var, eps, u.dtype)
+    return _apply(h, u, w_dot, bn), mean, var, mu, cov
+
+
+def _image_context_bwd(
+    grad_out: Tensor, u: Tensor, weight: Tensor, bias: Tensor, bn_weight: Tensor,
+    bn_bias: Tensor, mean: Tensor, var: Tensor, patch_mean: Tensor, patch_cov: Tensor,
+    training: bool, eps: float,
+) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """Backward op: ``(grad_u, grad_weight, grad_bias, grad_bn_weight, grad_bn_bias)``."""
+    acc = acc_dtype(u.dtype)
+    W, b, rstd, scale, w_dot, bn = _fold(weight, bias, bn_weight, bn_bias, mean, var, eps, u.dtype)
+    mean, var = mean.to(acc), var.to(acc)
+    sh = int(u.shape[2]) // int(grad_out.shape[2])
+    sw = int(u.shape[3]) // int(grad_out.shape[3])
+    M = int(u.shape[0]) * int(u.shape[2]) * int(u.shape[3])
+    k1 = scale / (sh * sw)
+    if training:  # G is centred by the patch mean mu, and mean = W mu + b
+        G, D = _grad_sums(grad_out, u, w_dot, bn, patch_mean.to(acc))
+        dgamma = rstd * (W * G).sum(1)
+        dW = scale[:, None] * (G - (dgamma * rstd)[:, None] * (W @ patch_cov.to(acc)))
+        db = torch.zeros_like(D)
+        k2 = -scale * rstd * dgamma / M
+        k3 = -scale * D / M - k2 * (mean - b)
+    else:
+        G, D = _grad_sums(grad_out, u, w_dot, bn, W.new_zeros(W.shape[1]))
+        dgamma = rstd * ((W * G).sum(1) + (b - mean) * D)
+        dW, db = scale[:, None] * G, scale * D
+        k2, k3 = torch.zeros_like(k1), torch.zeros_like(k1)
+    coef = torch.cat((bn, torch.stack((k1, k2, k3)))).contiguous()
+    grad_u = _grad_input(grad_out, u, w_dot, coef)
+    return (grad_u, dW.reshape(weight.shape).to(weight.dtype), db.to(bias.dtype),
+            dgamma.to(bn_weight.dtype), D.to(bn_bias.dtype))
+
+
+_fwd_op = define_op("image_context", _image_context_fwd)
+_bwd_op = define_op("image_context_backward", _image_context_bwd)
+
+
+def _setup_context(ctx, inputs, output):
+    _, u, weight, bias, bn_weight, bn_bias, _, _, training, eps = inputs
+    _, mean, var, mu, cov = output
+    ctx.training, ctx.eps = training, eps
+    ctx.save_for_backward(u, weight, bias, bn_weight, bn_bias, mean, var, mu, cov)
+
+
+def _backward(ctx, grad_out, *_):
+    grads = _bwd_op(grad_out, *ctx.saved_tensors, ctx.training, ctx.eps)
+    return (grad_out, *grads, None, None, None, None)
+
+
+_fwd_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+# ----------------------------------------------------------------------------------------
+# cost model (FLOPs and bytes, for bench/ and the README)
+# ----------------------------------------------------------------------------------------
+def cost_model(N: int, C: int, CI: int, HB: int, WB: int, HO: int, WO: int, itemsize: int,
+               training: bool = True, lanes: int = 256) -> Dict[str, Dict[str, int]]:
+    """FLOPs and DRAM bytes of one training (or eval) step of this op on a GPU, per pass, and
+    of the eager E it replaces (``conv2d -> batch_norm -> relu -> adaptive_avg_pool2d -> add``
+    and their backwards, op by op).
+
+    Args: the shapes of ``h`` (N, C, HO, WO) and ``u`` (N, CI, HB, WB); ``itemsize`` the bytes
+    of an activation (2 for bf16/fp16, 4 for fp32); ``lanes`` the grad_u region size.
+
+    Returns ``{"<pass>": {"flops": ..., "bytes": ...}}`` with passes ``gram``, ``apply``,
+    ``grad_sums``, ``grad_input`` (ours; ``gram`` only in training) and ``eager_forward``,
+    ``eager_backward``, plus ``ours`` / ``eager`` totals and ``recompute_tail``, the path this
+    op replaces (cuDNN conv + fused BN/ReLU/pool tail, conv recomputed in backward).
+    The eager and ``recompute_tail`` bytes are those of training. FLOPs: 2 per multiply-add of the
+    tensor-core dots as the GPU tiling executes them (padding of C to 16/64, of 9*C_in to the
+    K tile, of C_in to 16, and the halo lanes of grad_u included); elementwise work is not
+    counted (as ``torch.utils.flop_counter``, which counts the eager convolutions only).
+    Bytes: compulsory DRAM traffic, every tensor argument read and every result written once
+    per pass (re-reads of overlapping patches and halos assumed to hit in cache; the grad_u
+    scratch, ``lanes * C`` values per program, stays in L2); the (C,)-sized vectors and
+    weights are left out.
+    """
+    K9, P, Q = 9 * CI, N * HB * WB, N * HO * WO
+    e = itemsize
+    block_c = pow2(C, 16, 64)
+    cp = triton.cdiv(C, block_c) * block_c
+
+    def padded(n, block):
+        return triton.cdiv(n, block) * block
+
+    bk = pow2(K9, 16, 128)
+    conv = 2 * P * cp * padded(K9, bk)  # one implicit-GEMM conv recompute
+    bg = pow2(K9, 16, 32)
+    kt = triton.cdiv(K9, bg)
+    rh, rw = region_plan(HB, WB, lanes)
+    lane_total = N * triton.cdiv(HB, rh - 2) * triton.cdiv(WB, rw - 2) * lanes
+    bci = pow2(CI, 16, 32)
+    cit = triton.cdiv(CI, bci)
+    ours = {
+        "apply": {"flops": conv, "bytes": e * (P * CI + 2 * Q * C)},
+        "grad_sums": {"flops": conv * triton.cdiv(K9, bk) + conv,
+                      "bytes": e * (P * CI + Q * C)},
+        "grad_input": {"flops": cit * 2 * lane_total * cp * (padded(K9, 32) + 9 * bci),
+                       "bytes": e * (2 * P * CI + Q * C)},
+    }
+    if training:
+        ours["gram"] = {"flops": 2 * P * bg * bg * kt * (kt + 1) // 2, "bytes": e * P * CI}
+    eager_conv = 2 * P * C * K9
+    pc, qc, pci = P * C, Q * C, P * CI
+    # forward: conv (u -> y), batch_norm (stats + apply: 2 reads, 1 write), relu, pool, add
+    fwd = pci + pc + 3 * pc + 2 * pc + (pc + qc) + 3 * qc
+    # backward: pool (qc -> pc), relu (2 reads, 1 write), batch_norm (reduce: 2 reads; apply:
+    # 2 reads, 1 write), conv dgrad (read grad_y, write grad_u), wgrad (read grad_y and u)
+    bwd = (qc + pc) + 3 * pc + 5 * pc + (pc + pci) + (pc + pci)
+    eager = {"eager_forward": {"flops": eager_conv, "bytes": e * fwd},
+             "eager_backward": {"flops": 2 * eager_conv, "bytes": e * bwd}}
+    # the torch path before this op (context._ImageContextRecompute): conv + fused tail
+    # (stats, apply) in forward; conv recompute, fused tail backward (sums, grad_z), dgrad,
+    # wgrad in backward
+    today = {"flops": 4 * eager_conv,
+             "bytes": e * ((pci + pc) + pc + (pc + 2 * qc)
+                           + (pci + pc) + (pc + qc) + (2 * pc + qc) + (pc + pci) + (pc + pci))}
+    out: Dict[str, Dict[str, int]] = {**ours, **eager}
+    out["ours"] = {k: sum(v[k] for v in ours.values()) for k in ("flops", "bytes")}
+    out["eager"] = {k: sum(v[k] for v in eager.values()) for k in ("flops", "bytes")}
+    out["recompute_tail"] = today
+    return out
+
+
+# ----------------------------------------------------------------------------------------
+# public function
+# ----------------------------------------------------------------------------------------
+def image_context(h, u, weight, bias, bn_weight, bn_bias, running_mean, running_var, training,
+                  eps=1e-5):
+    """Second half of ContSup's image context encoder E fused with the boundary add
+    (arXiv 2312.07636, Sec. 3, Fig. 3):
+    ``out = h + avgpool_s(relu(bn(conv3x3(u, weight, bias, padding=1))))``, never
+    materialising the (N, C, s*H, s*W) convolution output or its gradient.
+
+    Same signature and results as :func:`contsup_fast.fused.reference.image_context_ref`;
+    BatchNorm as in Ioffe & Szegedy (2015), batch statistics (biased variance) in training,
+    running statistics in eval; running buffers are never mutated (fold the returned batch
+    statistics in with :func:`contsup_fast.fused.reference.update_running_stats`).
+
+    Args:
+        h: (N, C, H, W) detached module output; fp32/bf16/fp16/fp64, any memory format.
+        u: (N, C_in, sH*H, sW*W) hidden map of E (integer ``sH``, ``sW``); any memory format;
+            receives gradient.
+        weight: (C, C_in, 3, 3) conv weight; ``bias``: (C,) or None. Parameters may be fp32
+            with 16-bit ``u`` (as under autocast; the weight is rounded to ``u``'s dtype for
+            the tensor-core dots, like an autocast convolution).
+        bn_weight, bn_bias: (C,) BatchNorm affine parameters.
+        running_mean, running_var: (C,) buffers, required (and read) only when ``training=False``.
+        training: batch statistics (True) or running statistics (False).
+        eps: BatchNorm epsilon.
+
+    Returns:
+        ``(out, mean, var)``: ``out`` (N, C, H, W) in ``h``'s dtype and memory format; in
+        training the fp32 (fp64 for fp64 ``u``) batch mean and biased variance of the conv
+        output over (N, sH*H, sW*W), in eval the running buffers themselves.
+
+    Saved for backward: ``u``, the parameters, the (C,) statistics and, in training, the
+    patch mean (9*C_in,) and covariance (9*C_in, 9*C_in). Gradients flow to ``u``, ``weight``,
+    ``bias``, ``bn_weight``, ``bn_bias`` (and ``grad_out`` unchanged to ``h`` if it requires
+    grad); the bias gradient is exactly 0 in training (BatchNorm removes it).
+
+    Raises:
+        TypeError: a non-tensor argument.
+        ValueError: wrong rank, shape, dtype or device (the message names the argument),
+            ``u``'s spatial size not an integer multiple of ``h``'s, or missing running
+            statistics in eval mode.
+    """
+    check_tensor("h", h, 4)
+    dev = h.device
+    N, C = int(h.shape[0]), int(h.shape[1])
+    check_tensor("u", u, 4, dev)
+    if int(u.shape[0]) != N:
+        raise ValueError(f"u has batch size {u.shape[0]}, h has {N}; they must match")
+    pool_factor("u", u, h.shape[-2:], "h")
+    CI = int(u.shape[1])
+    if not isinstance(weight, torch.Tensor):
+        raise TypeError(f"weight must be a torch.Tensor, got {type(weight).__name__}")
+    if tuple(weight.shape) != (C, CI, 3, 3):
+        raise ValueError(f"weight must have shape ({C}, {CI}, 3, 3) (C of h, C_in of u), "
+                         f"got {tuple(weight.shape)}")
+    check_tensor("weight", weight, 4, dev)
+    if bias is None:
+        bias = torch.zeros(C, dtype=weight.dtype, device=dev)
+    else:
+        check_vec("bias", bias, C, dev)
+    check_bn_args("", C, dev, bn_weight, bn_bias, running_mean, running_var, training)
+    running = (None, None) if training else (running_mean, running_var)
+    out, mean, var, _, _ = _fwd_op(h, u, weight, bias, bn_weight, bn_bias, *running,
+                                   bool(training), float(eps))
+    if not training:
+        return out, running_mean, running_var
+    return out, mean, var

@@ -1,0 +1,46 @@
+"""bench.accuracy: the A/B harness runs the real training CLI per (variant, seed), resumes,
+and writes the JSON summary and both plots."""
+import json
+
+import pytest
+
+from bench import accuracy as A
+
+pytestmark = pytest.mark.filterwarnings("ignore:.*differs from the official release")
+
+
+def test_smoke_protocol_runs_summarises_and_plots(tiny_cifar, tmp_path):
+    runs, out = tmp_path / "runs", tmp_path / "out"
+    argv = ["--preset", "smoke", "--data-dir", tiny_cifar, "--runs", str(runs), "--out", str(out),
+            "--jobs", "2", "--threads", "1"]
+    payload = A.main(argv)
+    p = A.PRESETS["smoke"]
+    summary = payload["summary"]
+    assert set(summary) == set(p.variants)
+    for variant, s in summary.items():
+        assert s["seeds_finished"] == p.seeds
+        assert sorted(s["test_acc"]) == list(range(1, p.epochs + 1))
+        for ep, a in s["test_acc"].items():  # mean and half-range recomputed from the seeds
+            assert len(a["seeds"]) == len(p.seeds)
+            assert a["mean"] == pytest.approx(sum(a["seeds"]) / len(a["seeds"]))
+            assert a["spread"] == pytest.approx((max(a["seeds"]) - min(a["seeds"])) / 2)
+        logs = payload["runs"][variant]
+        first = [logs[str(seed)]["epochs"][0]["step_losses"] for seed in p.seeds]
+        assert all(len(c) == 2 for c in first)  # 64 images / batch 32 = 2 steps
+        assert s["first_epoch_last_module_loss"] == pytest.approx(sum(map(sum, first)) / 4)
+    # each run went through the training CLI with the variant's options
+    args = payload["runs"]["R1E ramp"]["1"]["args"]
+    assert args["context"] == "R1E" and args["context_gate"] == "ramp" and args["seed"] == 1
+    saved = json.loads((out / "accuracy_smoke.json").read_text())
+    assert saved["protocol"]["name"] == "smoke" and "environment" in saved
+    assert (out / "accuracy_smoke.png").stat().st_size > 0
+    assert (out / "accuracy_smoke_loss.png").stat().st_size > 0
+    # finished runs are not trained again; --report-only reads them back
+    again = A.main(argv + ["--report-only"])
+    assert again["summary"] == json.loads(json.dumps(summary))
+
+
+def test_unknown_variant_is_refused(tiny_cifar, tmp_path):
+    with pytest.raises(SystemExit, match="--variants"):
+        A.main(["--preset", "smoke", "--data-dir", tiny_cifar, "--variants", "R9",
+                "--runs", str(tmp_path), "--out", str(tmp_path)])
