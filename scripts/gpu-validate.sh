@@ -22,7 +22,8 @@
 #   7. reference   the same configurations through the reference ContSup code
 #                (github.com/Tab-ct/ContSup, carried in .gpuval/ContSup, never committed) on the
 #                same inputs in fp32: python -m bench.reference_contsup, with the ratio to 6
-#   8. kernels   python -m bench.kernels at batch 1024 in bf16
+#   8. kernels   python -m bench.kernels at batch 1024 in bf16 (two invocations: residual and
+#                image_context, then image_tail, head_pool and gap; each JSON in bench/kernels-<op>/)
 # Then a summary table (last lines of the output). Results: one folder packed as one tarball;
 # under $OUT only gpuval-results.tar.gz and summary.txt (the device tool returns at most 8 files).
 #
@@ -43,6 +44,7 @@
 # HOW TO COMMIT THE RESULTS (later session)
 #     mkdir -p /tmp/gpuval && tar -xzf <files_at>/gpuval-results.tar.gz -C /tmp/gpuval
 #     cp /tmp/gpuval/gpuval/bench/*.json /tmp/gpuval/gpuval/bench/*.png bench/results/
+#     for d in /tmp/gpuval/gpuval/bench/kernels-*; do cp $d/kernels_cuda.json bench/results/kernels_cuda_${d##*-}.json; done
 #     cp /tmp/gpuval/gpuval/summary.txt bench/results/gpuval_summary_h200.txt
 #     git add bench/results && git commit -m "GPU validation on one H200: <date>, <summary>"
 #   then README: performance table (speed_vs_e2e, vs reference, mem_vs_e2e), accuracy table
@@ -90,9 +92,9 @@ DATA=$WORK/cifar10
 CARRY=${GPUVAL_CARRY:-$ROOT/.gpuval}  # the carried folder: cifar10/ pack, ContSup/ reference
 # nominal budgets in seconds (phases after the accuracy runs get what is left of TOTAL)
 if [ $DRY = 1 ]; then
-  B_DATA=30 B_BUILD=0 B_ACC=150 B_CHECK=120 B_TESTS=120 B_MEM=0 B_RACE=0 B_SAN=120 B_STEP=150 B_REF=60 B_KER=60
+  B_DATA=30 B_BUILD=0 B_ACC=150 B_CHECK=120 B_TESTS=120 B_MEM=0 B_RACE=0 B_SAN=120 B_STEP=150 B_REF=60 B_KER=120
 else
-  B_DATA=90 B_BUILD=200 B_ACC=230 B_CHECK=90 B_TESTS=220 B_MEM=140 B_RACE=100 B_SAN=0 B_STEP=120 B_REF=45 B_KER=60
+  B_DATA=90 B_BUILD=200 B_ACC=230 B_CHECK=90 B_TESTS=220 B_MEM=140 B_RACE=100 B_SAN=0 B_STEP=110 B_REF=45 B_KER=75
 fi
 B_PACK=10
 POST=$((B_STEP + B_REF + B_KER + B_PACK))  # kept free after the accuracy phase
@@ -276,7 +278,7 @@ wait $P_CHECK $P_TESTS $P_SAN
 if [ $DRY = 1 ]; then
   STEP_ARGS=(--quick --models resnet32 --K 4 --contexts R1E --backends torch --batch 4 --steps 1 --warmup 0 --no-compile)
   REF_ARGS=(--models resnet32 --K 16 --contexts R0 --batch 4 --steps 1 --warmup 0 --device cpu)
-  KER_ARGS=(--quick --batches 4 --dtypes fp32)
+  KER_ARGS=(--quick --batches 4 --dtypes fp32 --backends native)
   DEV=cpu
 else
   STEP_ARGS=(--models resnet32 resnet110 --K 16 --contexts R0 R1E --warmup 3 --steps 10)
@@ -292,7 +294,17 @@ if [ -f "$CARRY/ContSup/networks_dev/resnet.py" ]; then
 else
   skip reference "reference ContSup not found at .gpuval/ContSup (run scripts/gpuval-prepare.sh and carry .gpuval)"
 fi
-phase kernels "$(fit $B_KER $B_PACK)" "$PY" -m bench.kernels "${KER_ARGS[@]}" --device $DEV --out "$RES/bench"
+# two invocations, so that a budget overrun keeps the first group's JSON (bench.kernels writes at its end)
+kernels() {
+  local rc=0 group
+  for group in "residual image_context" "image_tail head_pool gap"; do
+    # shellcheck disable=SC2086
+    "$PY" -m bench.kernels "$@" --ops $group --out "$RES/bench/kernels-${group%% *}" || rc=$?
+  done
+  return $rc
+}
+export -f kernels
+phase kernels "$(fit $B_KER $B_PACK)" kernels "${KER_ARGS[@]}" --device $DEV
 
 # ------------------------------------------------------------------------------ pack and summarise
 "$PY" scripts/gpuval_tools.py summary "$RES" > "$RES/logs/summary.log" 2>&1 || echo "summary failed: see logs/summary.log" >&2

@@ -168,7 +168,7 @@ def summary(res: Path) -> str:
     acc = _accuracy_rows(res)
     steps = _load_rows(res, "bench/train_step_*.json")
     ref = _load_rows(res, "bench/reference_contsup_*.json")
-    kernels = _load_rows(res, "bench/kernels_*.json")
+    kernels = _load_rows(res, "bench/**/kernels_*.json")
     out = ["== phases", _table(phases, ["phase", "status", "seconds", "budget", "note"])]
     if acc:
         out += ["", "== accuracy (CIFAR-10 JPEG-lossy copy: not official numbers)",

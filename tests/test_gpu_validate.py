@@ -42,7 +42,8 @@ def test_dry_run_runs_every_phase_and_packs_results(tmp_path):
         phases = tar.extractfile("gpuval/phases.tsv").read().decode()
     for f in ["gpuval/summary.txt", "gpuval/summary.json", "gpuval/logs/env.log", "gpuval/logs/check.log",
               "gpuval/accuracy/e2e_K1/log.json", "gpuval/accuracy/R1E_supcon_K16/log.json",
-              "gpuval/bench/train_step_cpu_quick.json", "gpuval/bench/kernels_cpu_quick.json"]:
+              "gpuval/bench/train_step_cpu_quick.json", "gpuval/bench/kernels-residual/kernels_cpu_quick.json",
+              "gpuval/bench/kernels-image_tail/kernels_cpu_quick.json"]:
         assert f in names, f
     assert not any(n.endswith(".pt") for n in names)
     status = {line.split("\t")[0]: line.split("\t")[1] for line in phases.splitlines()}
@@ -52,6 +53,7 @@ def test_dry_run_runs_every_phase_and_packs_results(tmp_path):
         assert status[name] == "ok", (name, status)
     summary = (out / "summary.txt").read_text()
     assert "skipped: no GPU" in summary and "== accuracy" in summary and "== train step" in summary
+    assert "== fused ops" in summary and "image_context" in summary and "gap" in summary
     assert summary.strip().splitlines()[-1] in text  # the summary is the end of the output
 
 
