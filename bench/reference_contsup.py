@@ -1,7 +1,7 @@
 """Train-step benchmark of the authors' reference ContSup code, on the inputs of ``bench.train_step``.
 
     python -m bench.reference_contsup --ref-dir .gpuval/ContSup                 # GPU, fp32
-    python -m bench.reference_contsup --ref-dir DIR --compare bench/results/train_step_cuda.json
+    python -m bench.reference_contsup --ref-dir DIR --compare bench/results/train_step_cuda*.json
 
 The reference implementation (github.com/Tab-ct/ContSup, ``networks_dev/``; Yu et al., arXiv
 2312.07636) is NOT part of this project: fetch it into a git-ignored folder
@@ -16,7 +16,7 @@ The inputs are those of ``bench.train_step`` (``torch.randn(n, 3, 32, 32)`` and
 ``torch.randint(0, 10, (n,))`` from a generator seeded 0, batch 1024 on GPU), the timing is
 the same (:func:`bench.common.median_time`), and peak memory is
 ``torch.cuda.max_memory_allocated`` (saved-tensor bytes are not measured on CPU).
-``--compare`` reads a ``bench.train_step`` JSON of the same run and prints, per configuration,
+``--compare`` reads ``bench.train_step`` JSON files of the same run and prints, per configuration,
 this project's images/s (best backend) over the reference's: the "at least 2x" target.
 
 On CPU (``--device cpu``, the dry run) the reference's constructor calls ``.cuda()`` on two
@@ -106,9 +106,10 @@ def measure(net, x, y, warmup: int, steps: int) -> Dict[str, Optional[float]]:
     return {"step_ms": seconds * 1e3, "img_s": x.shape[0] / seconds, "mem_MiB": mem}
 
 
-def compare(rows: List[dict], ours_json: str) -> List[dict]:
-    """Per (model, K, context): this project's best images/s over the reference's."""
-    ours = json.loads(Path(ours_json).read_text())["rows"]
+def compare(rows: List[dict], ours_json: List[str]) -> List[dict]:
+    """Per (model, K, context): this project's best images/s (over the ``bench.train_step``
+    JSON files ``ours_json``) over the reference's."""
+    ours = [r for path in ours_json for r in json.loads(Path(path).read_text())["rows"]]
     out = []
     for r in rows:
         mine = [o for o in ours if o.get("method") == "LocalSequential" and o.get("model") == r["model"]
@@ -132,7 +133,7 @@ def main(argv=None) -> List[dict]:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--steps", type=int, default=10)
-    p.add_argument("--compare", default=None, help="bench.train_step JSON of the same run")
+    p.add_argument("--compare", nargs="+", default=None, help="bench.train_step JSON files of the same run")
     p.add_argument("--out", default=None, help="results folder (default bench/results)")
     args = p.parse_args(argv)
     device = torch.device(args.device)

@@ -18,7 +18,8 @@
 #                native CUDA op directly, and memcheck also over LocalSequential training steps
 #                through them; contiguous and channels_last; fp32/bf16/fp16), while 3 runs
 #   6. train-step  python -m bench.train_step: resnet32 and resnet110, K=16, R0 and R1E, every
-#                backend, against E2E eager, torch.compile and checkpointing (GPU to itself)
+#                backend, against E2E eager, torch.compile and checkpointing (GPU to itself;
+#                one invocation per model, each JSON and plot in bench/train_step-<model>/)
 #   7. reference   the same configurations through the reference ContSup code
 #                (github.com/Tab-ct/ContSup, carried in .gpuval/ContSup, never committed) on the
 #                same inputs in fp32: python -m bench.reference_contsup, with the ratio to 6
@@ -43,7 +44,9 @@
 #   summary is also the end of output_tail. Give the machine back (give_back) unless you rerun.
 # HOW TO COMMIT THE RESULTS (later session)
 #     mkdir -p /tmp/gpuval && tar -xzf <files_at>/gpuval-results.tar.gz -C /tmp/gpuval
-#     cp /tmp/gpuval/gpuval/bench/*.json /tmp/gpuval/gpuval/bench/*.png bench/results/
+#     cp /tmp/gpuval/gpuval/bench/*.json bench/results/
+#     for m in resnet32 resnet110; do for f in /tmp/gpuval/gpuval/bench/train_step-$m/train_step_cuda.*; do
+#       cp $f bench/results/train_step_cuda_$m.${f##*.}; done; done
 #     for d in /tmp/gpuval/gpuval/bench/kernels-*; do cp $d/kernels_cuda.json bench/results/kernels_cuda_${d##*-}.json; done
 #     cp /tmp/gpuval/gpuval/summary.txt bench/results/gpuval_summary_h200.txt
 #     git add bench/results && git commit -m "GPU validation on one H200: <date>, <summary>"
@@ -276,21 +279,33 @@ wait $P_CHECK $P_TESTS $P_SAN
 
 # ------------------------------------------------------------------------------ 6, 7, 8 with the GPU to itself
 if [ $DRY = 1 ]; then
-  STEP_ARGS=(--quick --models resnet32 --K 4 --contexts R1E --backends torch --batch 4 --steps 1 --warmup 0 --no-compile)
+  STEP_MODELS=resnet32
+  STEP_ARGS=(--quick --K 4 --contexts R1E --backends torch --batch 4 --steps 1 --warmup 0 --no-compile)
   REF_ARGS=(--models resnet32 --K 16 --contexts R0 --batch 4 --steps 1 --warmup 0 --device cpu)
   KER_ARGS=(--quick --batches 4 --dtypes fp32 --backends native)
   DEV=cpu
 else
-  STEP_ARGS=(--models resnet32 resnet110 --K 16 --contexts R0 R1E --warmup 3 --steps 10)
+  STEP_MODELS="resnet32 resnet110"
+  STEP_ARGS=(--K 16 --contexts R0 R1E --warmup 3 --steps 10)
   REF_ARGS=(--models resnet32 resnet110 --K 16 --contexts R0 R1E --warmup 2 --steps 5)
   KER_ARGS=(--batches 1024 --dtypes bf16)
   DEV=cuda
 fi
-phase train-step "$(fit $B_STEP $((B_REF + B_KER + B_PACK)))" "$PY" -m bench.train_step "${STEP_ARGS[@]}" --out "$RES/bench"
-STEP_JSON=$(ls "$RES"/bench/train_step_*.json 2>/dev/null | head -1)
+# one invocation per model, so that a budget overrun keeps the first model's JSON
+train_step() {
+  local rc=0 model
+  for model in $STEP_MODELS; do
+    "$PY" -m bench.train_step --models "$model" "$@" --out "$RES/bench/train_step-$model" || rc=$?
+  done
+  return $rc
+}
+export -f train_step
+export STEP_MODELS
+phase train-step "$(fit $B_STEP $((B_REF + B_KER + B_PACK)))" train_step "${STEP_ARGS[@]}"
+STEP_JSON=$(ls "$RES"/bench/train_step-*/train_step_*.json 2>/dev/null)
 if [ -f "$CARRY/ContSup/networks_dev/resnet.py" ]; then
   phase reference "$(fit $B_REF $((B_KER + B_PACK)))" "$PY" -m bench.reference_contsup --ref-dir "$CARRY/ContSup" "${REF_ARGS[@]}" \
-    ${STEP_JSON:+--compare "$STEP_JSON"} --out "$RES/bench"
+    ${STEP_JSON:+--compare $STEP_JSON} --out "$RES/bench"
 else
   skip reference "reference ContSup not found at .gpuval/ContSup (run scripts/gpuval-prepare.sh and carry .gpuval)"
 fi

@@ -166,7 +166,7 @@ def summary(res: Path) -> str:
     for p in phases:
         p["note"] = _phase_note(res, p)
     acc = _accuracy_rows(res)
-    steps = _load_rows(res, "bench/train_step_*.json")
+    steps = _load_rows(res, "bench/**/train_step_*.json")
     ref = _load_rows(res, "bench/reference_contsup_*.json")
     kernels = _load_rows(res, "bench/**/kernels_*.json")
     out = ["== phases", _table(phases, ["phase", "status", "seconds", "budget", "note"])]

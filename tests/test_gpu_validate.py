@@ -42,7 +42,7 @@ def test_dry_run_runs_every_phase_and_packs_results(tmp_path):
         phases = tar.extractfile("gpuval/phases.tsv").read().decode()
     for f in ["gpuval/summary.txt", "gpuval/summary.json", "gpuval/logs/env.log", "gpuval/logs/check.log",
               "gpuval/accuracy/e2e_K1/log.json", "gpuval/accuracy/R1E_supcon_K16/log.json",
-              "gpuval/bench/train_step_cpu_quick.json", "gpuval/bench/kernels-residual/kernels_cpu_quick.json",
+              "gpuval/bench/train_step-resnet32/train_step_cpu_quick.json", "gpuval/bench/kernels-residual/kernels_cpu_quick.json",
               "gpuval/bench/kernels-image_tail/kernels_cpu_quick.json"]:
         assert f in names, f
     assert not any(n.endswith(".pt") for n in names)
