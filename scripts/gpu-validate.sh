@@ -35,11 +35,11 @@
 #     2. bash scripts/gpuval-prepare.sh /work/.mirror/Tab-ct+ContSup/repo
 #        (copies ../shared/data/cifar10 and the reference's networks_dev/ into the git-ignored
 #        .gpuval/, and checks that tree + .gpuval stay under the 64 MiB the tool carries)
-#     3. bash scripts/gpu-validate.sh --dry-run   (optional, about a minute: the plumbing)
+#     3. bash scripts/gpu-validate.sh --dry-run   (optional: the plumbing on CPU, 1-4 minutes here)
 #   Then one device `run`:
 #     command:   bash scripts/gpu-validate.sh
 #     carry:     [".gpuval"]
-#     timeout_s: 600     (the script plans for 540 s; TOTAL=... shortens it)
+#     timeout_s: 600     (the script plans for 540 s; --total S or GPUVAL_TOTAL=S changes that)
 #   Results land here under the reply's files_at: gpuval-results.tar.gz and summary.txt; the
 #   summary is also the end of output_tail. Give the machine back (give_back) unless you rerun.
 # HOW TO COMMIT THE RESULTS (later session)
@@ -73,7 +73,7 @@ while [ $# -gt 0 ]; do
     --out) OUTDIR=$2; shift ;;
     --epochs) EPOCHS=$2; shift ;;
     --total) TOTAL=$2; shift ;;
-    -h|--help) sed -n '2,60p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,/^set -uo/p' "$0" | sed '$d'; exit 0 ;;
     *) echo "gpu-validate.sh: unknown argument '$1' (allowed: --dry-run, --out DIR, --epochs N, --total S)" >&2; exit 2 ;;
   esac
   shift
