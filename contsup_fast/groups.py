@@ -27,6 +27,7 @@ workers:
 from __future__ import annotations
 
 import math
+import warnings
 from typing import List, Optional, Sequence, Tuple
 
 import torch
@@ -96,6 +97,7 @@ def group_modules(pieces: Sequence[nn.Module], G: int, model_name: str = "model"
         a convolution is already grouped, or G does not divide its channels.
     """
     grouped: List[List[str]] = []
+    any_block = False
     for j, piece in enumerate(pieces):
         names = []
         seen_block = False
@@ -111,7 +113,7 @@ def group_modules(pieces: Sequence[nn.Module], G: int, model_name: str = "model"
                         f"residual blocks: the CIFAR ResNets (contsup_fast.models) or torchvision ResNets")
                 continue
             first_after_boundary = j > 0 and not seen_block
-            seen_block = True
+            seen_block = any_block = True
             if first_after_boundary or G == 1:
                 continue
             for name, child in list(m.named_modules()):
@@ -121,6 +123,14 @@ def group_modules(pieces: Sequence[nn.Module], G: int, model_name: str = "model"
                         setattr(child, attr, _grouped_conv(conv, G, where))
             names.append(str(node.target))
         grouped.append(names)
+    if not any_block:
+        raise ValueError(f"width_groups={G}: {model_name} cannot be grouped: it has no residual blocks. Width-wise "
+                         f"groups need a model built of residual blocks: the CIFAR ResNets (contsup_fast.models) "
+                         f"or torchvision ResNets")
+    if G > 1 and not any(grouped):
+        warnings.warn(f"width_groups={G}: no block was grouped, because every local module holds a single "
+                      f"block and the first block after a boundary stays full; use fewer, deeper modules "
+                      f"(smaller K)", stacklevel=3)
     return grouped
 
 
