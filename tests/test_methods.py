@@ -413,3 +413,16 @@ def test_methods_compose_with_backends_autocast_reconstruct(method):
     with torch.autocast("cpu", dtype=torch.bfloat16):
         out = local(x.contiguous(memory_format=torch.channels_last), y)
     assert torch.isfinite(out.local_losses).all()
+
+
+def test_cli_flags_parse_and_reach_local_sequential(capsys):
+    from contsup_fast import train as T
+    args = T.build_parser().parse_args(["--aux", "auglocal", "--aux-depth", "3", "--aux-pyramid", "none",
+                                        "--width-groups", "4"])
+    assert (args.aux, args.aux_depth, args.aux_pyramid, args.width_groups) == ("auglocal", 3, None, 4)
+    assert {"aux_depth", "aux_pyramid", "width_groups"} <= set(T.RESULT_ARGS)
+    for bad in (["--aux-pyramid", "1.5"], ["--aux-depth", "0"], ["--width-groups", "0"], ["--aux", "dgl2"]):
+        with pytest.raises(SystemExit):
+            T.build_parser().parse_args(bad)
+    err = capsys.readouterr().err
+    assert "--aux-pyramid" in err and "--aux-depth" in err and "--width-groups" in err
