@@ -134,6 +134,26 @@ def group_modules(pieces: Sequence[nn.Module], G: int, model_name: str = "model"
     return grouped
 
 
+class GroupGradient(torch.autograd.Function):
+    """Identity in forward (returns a view of ``h``, so every head's saved input is the same
+    storage, not a copy); in backward keeps only channel slice ``g`` of ``G`` contiguous
+    slices of the gradient and zeroes the rest. Equivalent to concatenating ``h``'s slice g
+    with the other slices detached, without G copies of ``h``."""
+
+    @staticmethod
+    def forward(ctx, h: Tensor, g: int, groups: int) -> Tensor:
+        ctx.g, ctx.groups = g, groups
+        return h.view_as(h)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        out = torch.zeros_like(grad)
+        width = grad.shape[1] // ctx.groups
+        sl = slice(ctx.g * width, (ctx.g + 1) * width)
+        out[:, sl] = grad[:, sl]
+        return out, None, None
+
+
 class GroupHeads(nn.Module):
     """The G auxiliary heads of one GN-DGL local module: (N, C, H, W) -> G x (N, out_features).
 
@@ -156,10 +176,8 @@ class GroupHeads(nn.Module):
                                                  feature_dim=feature_dim) for _ in range(groups))
 
     def group_inputs(self, h: Tensor) -> List[Tensor]:
-        """For each g, ``h`` with every channel slice but g's detached."""
-        live, frozen = h.chunk(self.groups, dim=1), h.detach().chunk(self.groups, dim=1)
-        return [torch.cat([live[k] if k == g else frozen[k] for k in range(self.groups)], dim=1)
-                for g in range(self.groups)]
+        """For each g, ``h`` with every channel slice but g's detached (:class:`GroupGradient`)."""
+        return [GroupGradient.apply(h, g, self.groups) for g in range(self.groups)]
 
     def forward(self, h: Tensor, backend) -> List[Tensor]:
         return [head(x, backend) for head, x in zip(self.heads, self.group_inputs(h))]

@@ -426,3 +426,41 @@ def test_cli_flags_parse_and_reach_local_sequential(capsys):
             T.build_parser().parse_args(bad)
     err = capsys.readouterr().err
     assert "--aux-pyramid" in err and "--aux-depth" in err and "--width-groups" in err
+
+
+def test_auglocal_reference_k_mapping():
+    """The reference's ``--local_module_num 16 --aux_net_depth 3`` trains 16-3 = 13 modules with
+    heads after layers 0..11: ours is K=13 with the first 12 cut points."""
+    local = LocalSequential(resnet32(), K=13, context="R0", aux="auglocal", aux_depth=3,
+                            split=list(range(12)))
+    plans = [m.head.plan for m in list(local)[:-1]]
+    assert [p.end_layer for p in plans] == list(range(12))
+    assert [p.depth for p in plans] == [max(1, round(3 * (1 - i * 0.5 / 11) + i * 0.5 / 11)) for i in range(12)]
+    assert [p.depth for p in plans] == [3] * 6 + [2] * 6      # i=5: 2.545 -> 3; i=6: 2.4545 -> 2
+
+
+def test_memory_reports_each_method_beside_contsup():
+    from contsup_fast.memory import METHODS, format_table, method_table
+    rows = method_table(["resnet20"], K=4, batch=2, device="cpu")
+    assert [r["method"] for r in rows] == ["E2E"] + list(METHODS)
+    by = {r["method"]: r for r in rows}
+    assert by["ContSup R1E, 1c2f"]["vs_contsup"] == 1.0
+    assert all(r["saved_peak_MiB"] > 0 for r in rows)
+    # AugLocal heads are deeper than a 1c2f head: they keep more activations alive
+    assert by["AugLocal d=5"]["saved_peak_MiB"] > by["greedy R0, 1c2f"]["saved_peak_MiB"]
+    assert "vs ContSup R1E" in format_table(rows)
+
+
+def test_group_gradient_gradcheck_and_matches_detached_concatenation():
+    from contsup_fast.groups import GroupGradient
+    h = torch.randn(2, 6, 3, 3, dtype=torch.float64, requires_grad=True)
+    for g in range(3):
+        # on its own group's slice the op is the identity, with the true gradient
+        assert torch.autograd.gradcheck(lambda t: GroupGradient.apply(t, g, 3)[:, 2 * g: 2 * g + 2].sin(), (h,))
+        # over all channels it is the detached concatenation (not the identity), bit for bit
+        w = torch.randn_like(h)
+        (a,) = torch.autograd.grad((GroupGradient.apply(h, g, 3) * w).sum(), h)
+        parts = [p if k == g else p.detach() for k, p in enumerate(h.chunk(3, dim=1))]
+        (b,) = torch.autograd.grad((torch.cat(parts, dim=1) * w).sum(), h)
+        assert torch.equal(a, b)
+    assert GroupGradient.apply(h, 0, 3).untyped_storage().data_ptr() == h.untyped_storage().data_ptr()
