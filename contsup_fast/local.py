@@ -120,18 +120,19 @@ class LocalSequential(nn.Module):
             the reconstruction loss.
 
     Raises:
-        ValueError: bad K, context, n, aux, aux_depth, aux_pyramid, width_groups, loss, split or
-            backend (the message names the option and says what is allowed); :class:`~contsup_fast.splitting.UnsplittableModelError` for a model
-            that cannot be traced or cut.
+        ValueError: bad K, context, n, aux, aux_depth, aux_pyramid, width_groups, loss, split
+            or backend (the message names the option and says what is allowed);
+            :class:`~contsup_fast.splitting.UnsplittableModelError` for a model that cannot be
+            traced or cut.
     """
 
     def __init__(self, model: nn.Module, K: int = 16, context: str = "RnE", n: Optional[int] = None,
                  aux: str = "1c2f", loss: str = "ce", reconstruct: bool = False,
-                 aux_depth: int = 2, aux_pyramid: Optional[float] = 0.5, width_groups: Optional[int] = None,
                  reconstruct_weights: Optional[Sequence[float]] = None,
                  split: Union[None, str, Sequence[Union[int, str]]] = None, backend: str = "auto",
                  feature_dim: int = 128, input_size: Sequence[int] = (3, 32, 32),
-                 image_mean: Sequence[float] = CIFAR10_MEAN, image_std: Sequence[float] = CIFAR10_STD):
+                 image_mean: Sequence[float] = CIFAR10_MEAN, image_std: Sequence[float] = CIFAR10_STD,
+                 aux_depth: int = 2, aux_pyramid: Optional[float] = 0.5, width_groups: Optional[int] = None):
         super().__init__()
         if not isinstance(model, nn.Module):
             raise ValueError(f"model must be an nn.Module, got {type(model).__name__}")
