@@ -42,14 +42,15 @@ from .checkpoint import (CHECKPOINT_NAME, atomic_write_json, get_rng_state, load
 
 __all__ = ["build_parser", "main", "run", "RESULT_ARGS"]
 
-AUX_CHOICES = ("0c1f", "0c2f", "1c1f", "1c2f", "1c3f", "2c2f")
+AUX_CHOICES = ("0c1f", "0c2f", "1c1f", "1c2f", "1c3f", "2c2f", "auglocal", "dgl")
 CIFAR_RESNETS = ("resnet20", "resnet32", "resnet44", "resnet56", "resnet110")
 
 #: arguments that change the trained parameters: on --resume they come from the checkpoint,
 #: and giving a different value is refused
 RESULT_ARGS = ("model", "K", "context", "n", "aux", "loss", "reconstruct", "split", "dataset",
                "epochs", "batch_size", "lr", "momentum", "wd", "warmup_epochs", "seed", "subset",
-               "amp", "context_gate", "context_gate_epochs", "context_gate_init", "warmup_start")
+               "amp", "context_gate", "context_gate_epochs", "context_gate_init", "warmup_start",
+               "aux_depth", "aux_pyramid", "width_groups")
 
 
 def _positive_int(s: str) -> int:
@@ -70,6 +71,18 @@ def _nonneg_float(s: str) -> float:
     v = float(s)
     if not v >= 0:
         raise argparse.ArgumentTypeError(f"must be a number >= 0, got {s}")
+    return v
+
+
+def _pyramid_arg(s: str) -> Optional[float]:
+    if s.strip().lower() == "none":
+        return None
+    try:
+        v = float(s)
+    except ValueError:
+        v = float("nan")
+    if not 0.0 <= v <= 1.0:
+        raise argparse.ArgumentTypeError(f"must be a number in [0, 1] or none, got {s}")
     return v
 
 
@@ -113,7 +126,15 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--n", type=_positive_int, default=None,
                    help="residual context depth for Rn/RnE (default 1)")
     g.add_argument("--aux", default="1c2f", choices=AUX_CHOICES,
-                   help="auxiliary head: <convs>c<fc layers>f")
+                   help="auxiliary head: <convs>c<fc layers>f, auglocal (AugLocal: copies of later "
+                        "layers) or dgl (DGL mlp-sr)")
+    g.add_argument("--aux-depth", type=_positive_int, default=2,
+                   help="AugLocal head depth d (layers copied into each head)")
+    g.add_argument("--aux-pyramid", type=_pyramid_arg, default=0.5,
+                   help="AugLocal pyramid coefficient gamma in [0, 1], or none for depth d everywhere")
+    g.add_argument("--width-groups", type=_positive_int, default=None,
+                   help="GN-DGL width-wise groups G: grouped convolutions inside each local module, "
+                        "G heads per module (evaluation reports the final classifier)")
     g.add_argument("--loss", default="ce", choices=("ce", "supcon"), help="local loss")
     g.add_argument("--reconstruct", action="store_true",
                    help="add the InfoPro-style image-reconstruction local loss")
@@ -420,6 +441,8 @@ def run(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
                         context_gate_steps=max(1, int(round(gate_epochs * steps_per_epoch)))
                         if gate == "ramp" else None,
                         reconstruct=args.reconstruct, split=args.split, backend=args.backend,
+                        aux_depth=args.aux_depth, aux_pyramid=args.aux_pyramid,
+                        width_groups=args.width_groups,
                         n=args.n, input_size=(3,) + tuple(x_train.shape[1:3]),
                         image_mean=mean, image_std=std)
     try:
