@@ -19,7 +19,8 @@ x+dx-1]`` (0 outside the image), so ``y_p = W x_p + b``; ``M = N*HB*WB``.
   ``G = sum dz (x_p - center)^T`` (C, K9) (``center = mu`` in training, 0 in eval). The closed
   form (BatchNorm, Ioffe & Szegedy 2015; as in ``_residual.py``) is ``dbeta = D`` and
   train: ``dgamma = rstd*rowsum(W*G)``, ``dW = gamma*rstd*(G - dgamma*rstd*W S)``, ``db = 0``;
-  eval: ``dgamma = rstd*(rowsum(W*G) + (b - mean) D)``, ``dW = gamma*rstd*G``, ``db = gamma*rstd*D``;
+  eval: ``dgamma = rstd*(rowsum(W*G) + (b - mean) D)``, ``dW = gamma*rstd*G``,
+  ``db = gamma*rstd*D``;
 * grad_u (``_ic_grad_input_kernel``): ``grad_u = conv_transpose3x3(dy, W)`` with
   ``dy = k1*dz + k2*(y - b) + k3`` (per-channel ``k``). Persistent programs walk rectangular
   regions of the big image (``RH x RW`` pixels in ``LANES`` lanes); each recomputes ``dy`` on
@@ -36,8 +37,8 @@ from torch import Tensor
 
 from ._common import (INTERPRETED, _sm_count, acc_dtype, add_base, bn_fold, check_bn_args,
                       check_tensor, check_vec, chunk_block, chunk_bounds, define_op, dot_config,
-                      launch, mma, pixel_block, pool_factor, pow2, split_pixels, split_plan, strides4,
-                      to_acc, zeros_acc)
+                      launch, mma, pixel_block, pool_factor, pow2, split_pixels, split_plan,
+                      strides4, to_acc, zeros_acc)
 
 
 # ----------------------------------------------------------------------------------------
@@ -234,7 +235,8 @@ def _ic_grad_input_kernel(
             y = _conv_tile(u_ptr, nv, yy, xx, inimg, sN, sC, sH, sW, HB, WB, K9, w_ptr, co, mc,
                            zeros_acc(BLOCK_C, LANES, FP64), BLOCK_K, PREC, UPCAST)
             m2 = mc[:, None] & inimg[None, :]
-            g_off = nv[None, :] * gN + co[:, None] * gC + ((yy // SH) * gH + (xx // SW) * gW)[None, :]
+            g_pix = (yy // SH) * gH + (xx // SW) * gW
+            g_off = nv[None, :] * gN + co[:, None] * gC + g_pix[None, :]
             g = to_acc(tl.load(g_ptr + g_off, mask=m2, other=0), FP64)
             dy = k1 * tl.where(y * scale + shift > 0, g, 0.0) + k2 * y + k3
             dy = tl.where(m2, dy, 0.0)
@@ -564,7 +566,8 @@ def compile_report(dtype: str = "bf16", arch: int = 90) -> Dict[str, Dict[str, i
     from triton.compiler import ASTSource
 
     if INTERPRETED:
-        raise RuntimeError("compile_report needs TRITON_INTERPRET unset (run it in a fresh process)")
+        raise RuntimeError("compile_report needs TRITON_INTERPRET unset (run it in a fresh "
+                           "process)")
     if dtype not in ("bf16", "fp16", "fp32"):
         raise ValueError(f"dtype is {dtype!r}; allowed: 'bf16', 'fp16', 'fp32'")
     prec = "tf32" if dtype == "fp32" else "ieee"

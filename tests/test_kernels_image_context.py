@@ -88,7 +88,7 @@ def check_case(args, dtype, training, mk):
     (torch.bfloat16, "channels_last", 1, (6, 6)),
     (torch.float16, "contiguous", 2, (3, 2)),
     (torch.float16, "channels_last", 4, (2, 2)),
-], ids=lambda v: str(v).replace("torch.", "") if not isinstance(v, tuple) else "x".join(map(str, v)))
+], ids=lambda v: "x".join(map(str, v)) if isinstance(v, tuple) else str(v).replace("torch.", ""))
 def test_image_context_train(dtype, layout, s, hw):
     mk = Maker(100 + s)
     check_case(make_case(mk, 2, 5, 3, hw, s, dtype, layout), dtype, True, mk)
@@ -216,7 +216,7 @@ def test_no_full_resolution_tensor():
         assert mode.numel < full, f"a tensor of {mode.numel} elements (conv output: {full})"
         small = max(C * 9 * CI, (9 * CI) ** 2)  # weight, patch covariance
         big = [t for t in saved if t.numel() > small]
-        assert [t.data_ptr() for t in big] == [args[1].data_ptr()], "only u may be saved at full size"
+        assert [t.data_ptr() for t in big] == [args[1].data_ptr()], "only u may be saved full-size"
     # the eager reference does materialise it (the check above can see such a tensor)
     with Largest() as mode:
         ref.image_context_ref(*args, True)
@@ -251,7 +251,8 @@ def test_running_stats_match_batchnorm():
     ("u_int", r"u has dtype torch.int64; allowed dtypes: float32, bfloat16, float16, float64"),
     ("u_batch", r"u has batch size 1, h has 2; they must match"),
     ("u_not_multiple", r"u has spatial size \(5, 4\).*integer multiple of h's \(2, 2\)"),
-    ("weight_shape", r"weight must have shape \(3, 4, 3, 3\) \(C of h, C_in of u\), got \(3, 4, 1, 1\)"),
+    ("weight_shape", r"weight must have shape \(3, 4, 3, 3\) \(C of h, C_in of u\), "
+                     r"got \(3, 4, 1, 1\)"),
     ("weight_type", r"weight must be a torch.Tensor, got list"),
     ("bias_shape", r"bias must have shape \(3,\).*got \(4,\)"),
     ("eval_no_running", r"running_mean is None; it is required when training=False"),
@@ -260,7 +261,8 @@ def test_running_stats_match_batchnorm():
 def test_image_context_errors(case, pattern):
     mk = Maker(180)
     h = mk.act((2, 3, 2, 2), torch.float32)
-    a = dict(h=h, u=mk.act((2, 4, 4, 4), torch.float32), weight=conv_weight(mk, 3, 4, torch.float32),
+    a = dict(h=h, u=mk.act((2, 4, 4, 4), torch.float32),
+             weight=conv_weight(mk, 3, 4, torch.float32),
              bias=mk.vec(3, "beta"), bn_weight=mk.vec(3, "gamma"), bn_bias=mk.vec(3, "beta"),
              running_mean=mk.vec(3, "mean"), running_var=mk.vec(3, "var"), training=True)
     over = {
