@@ -148,6 +148,20 @@ def test_image_context_large_mean_and_strided_view():
     check_case((h, u, w, b, g, beta, rm, rv), torch.float32, True, mk)
 
 
+def test_region_plan_covers_the_image():
+    """grad_u regions (interior + 1-pixel halo) fit the lanes and tile every image size,
+    including the GPU plan for 32x32 images (6 regions in 256 lanes: 1.5x the pixels)."""
+    from contsup_fast.kernels._image_context import region_plan
+
+    rh, rw = region_plan(32, 32, 256)
+    assert -(-32 // (rh - 2)) * -(-32 // (rw - 2)) == 6
+    for hb, wb in ((1, 1), (1, 40), (7, 3), (32, 32), (33, 17), (200, 5)):
+        for lanes in (16, 64, 256, 1024):
+            rh, rw = region_plan(hb, wb, lanes)
+            assert rh >= 3 and rw >= 3 and rh * rw <= lanes
+            assert rh - 2 <= max(hb, 1) and rw - 2 <= max(wb, 1)  # no region wider than needed
+
+
 # ------------------------------------------------------------------------------ gradcheck
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
 def test_gradcheck_image_context(training):
