@@ -229,6 +229,7 @@ setup(
         "console_scripts": [
             "contsup-train = contsup_fast.train:main",
             "contsup-memory = contsup_fast.memory:main",
+            "contsup-check = contsup_fast.check:cli",
         ]
     },
     ext_modules=ext_modules,

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .context import BoundaryContext, ContextSpec, check_gate, parse_context
+from .cuda_graphs import GraphedLocalSteps, require_cuda_graphs_support
 from .fused import BACKENDS, resolve_backend
 from . import auglocal
 from .groups import GroupHeads, body_macs, check_width_groups, group_modules, macs_per_group
@@ -127,12 +128,15 @@ class LocalSequential(nn.Module):
             :mod:`contsup_fast.context` and README "Accuracy" for the measured effect.
         context_gate_steps: length of the ramp in training steps (``"ramp"`` only).
         context_gate_init: initial theta of ``"learned"`` gates (> 0).
+        cuda_graphs: capture each local module's training step (context, body, local loss,
+            backward) as a CUDA graph after two eager steps and replay it (fixed input shapes;
+            see :mod:`contsup_fast.cuda_graphs`). For small models where launch overhead dominates.
 
     Raises:
         ValueError: bad K, context, n, aux, aux_depth, aux_pyramid, width_groups, loss, split,
-            backend or context gate (the message names the option and says what is allowed);
-            :class:`~contsup_fast.splitting.UnsplittableModelError` for a model that cannot be
-            traced or cut.
+            backend, context gate or cuda_graphs (the message names the option and says what is
+            allowed); :class:`~contsup_fast.splitting.UnsplittableModelError` for a model that
+            cannot be traced or cut. RuntimeError: ``cuda_graphs=True`` without a CUDA GPU.
     """
 
     def __init__(self, model: nn.Module, K: int = 16, context: str = "RnE", n: Optional[int] = None,
@@ -143,8 +147,12 @@ class LocalSequential(nn.Module):
                  image_mean: Sequence[float] = CIFAR10_MEAN, image_std: Sequence[float] = CIFAR10_STD,
                  aux_depth: int = 2, aux_pyramid: Optional[float] = 0.5, width_groups: Optional[int] = None,
                  context_gate: Optional[str] = None, context_gate_steps: Optional[int] = None,
-                 context_gate_init: float = 0.1):
+                 context_gate_init: float = 0.1, cuda_graphs: bool = False):
         super().__init__()
+        if not isinstance(cuda_graphs, bool):
+            raise ValueError(f"cuda_graphs must be True or False, got {cuda_graphs!r}")
+        if cuda_graphs:
+            require_cuda_graphs_support()
         if not isinstance(model, nn.Module):
             raise ValueError(f"model must be an nn.Module, got {type(model).__name__}")
         self.spec: ContextSpec = parse_context(context, n)
@@ -185,6 +193,7 @@ class LocalSequential(nn.Module):
             self.register_buffer("context_gate_step", torch.zeros((), dtype=torch.int64))
         device = next(self.parameters()).device
         self._backends: Dict[torch.device, object] = {device: resolve_backend(backend, device)}
+        self._graphed = GraphedLocalSteps(self) if cuda_graphs else None
 
     # ------------------------------------------------------------------ construction
     def _reconstruct_weights(self, model, reconstruct, weights) -> Optional[Tuple[float, ...]]:
@@ -363,6 +372,11 @@ class LocalSequential(nn.Module):
     def _run(self, x: Tensor, y: Optional[Tensor], scaler, train: bool) -> LocalOutput:
         backend = self.backend_for(x.device)
         self._set_ramp()
+        if train and self._graphed is not None:
+            out = self._graphed(x, y, scaler, backend)
+            if self.context_gate == "ramp":
+                self.context_gate_step += 1
+            return out
         keep = self.spec.n  # how many module inputs a_i later boundaries still read
         inputs: Dict[int, Tensor] = {}
         losses: List[Tensor] = []

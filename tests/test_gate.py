@@ -9,7 +9,6 @@ from torch import nn
 from contsup_fast import LocalSequential
 from contsup_fast.context import BoundaryContext
 from contsup_fast.fused import available_backends, resolve_backend
-from contsup_fast.models import resnet20
 
 torch.set_num_threads(min(4, torch.get_num_threads()))
 
@@ -167,9 +166,9 @@ def test_ramp_step_resumes_exactly():
 @pytest.mark.parametrize("gate", ["ramp", "learned"])
 def test_gated_model_exports(gate):
     torch.manual_seed(0)
-    local = LocalSequential(resnet20(), K=4, context="R1E", backend="torch", context_gate=gate,
-                            context_gate_steps=3)
-    x, y = torch.randn(4, 3, 32, 32), torch.randint(0, 10, (4,))
+    local = LocalSequential(tiny_cnn(), K=3, context="R1E", input_size=(3, 16, 16), backend="torch",
+                            context_gate=gate, context_gate_steps=3)
+    x, y = batch(4)
     local(x, y)  # one step: the ramp is at 1/3, learned gates moved
     local.eval()
     plain = local.to_module()
