@@ -1,0 +1,115 @@
+"""Multi-process training (contsup_fast.distributed): LocalDDP, LocalPipeline, failures.
+
+Every multi-process test starts N ranks of tests/_dist_worker.py (gloo on 127.0.0.1, a free
+port, 1 thread each) with a bounded timeout; all of them are ended before the test returns.
+"""
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from contsup_fast import LocalSequential
+from contsup_fast import distributed as D
+from contsup_fast.models import build_model
+
+ROOT = Path(__file__).resolve().parent.parent
+WORKER = Path(__file__).resolve().parent / "_dist_worker.py"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def launch(argv, nprocs, timeout=120.0, env_extra=None):
+    """Start ``nprocs`` ranks of ``python argv...`` with the torchrun environment; wait at most
+    ``timeout`` s. Returns [(returncode, stdout, stderr)] by rank; every process is ended."""
+    port = free_port()
+    procs = []
+    for rank in range(nprocs):
+        env = dict(os.environ, RANK=str(rank), WORLD_SIZE=str(nprocs), LOCAL_RANK=str(rank),
+                   LOCAL_WORLD_SIZE=str(nprocs), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
+                   OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT), **(env_extra or {}))
+        env.pop("TORCHELASTIC_USE_AGENT_STORE", None)
+        procs.append(subprocess.Popen([sys.executable, *argv], cwd=ROOT, env=env,
+                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    deadline = time.monotonic() + timeout
+    results = []
+    try:
+        for p in procs:
+            out, err = p.communicate(timeout=max(1.0, deadline - time.monotonic()))
+            results.append((p.returncode, out, err))
+    except subprocess.TimeoutExpired:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+        for p in procs:
+            p.communicate()
+        pytest.fail(f"{argv} with {nprocs} ranks did not finish within {timeout} s")
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    return results
+
+
+def run_case(case, nprocs, timeout=120.0, **env):
+    results = launch([str(WORKER), case], nprocs, timeout, env)
+    for rank, (rc, out, err) in enumerate(results):
+        assert rc == 0, f"rank {rank} of case {case} failed ({rc}):\n{out}\n{err[-3000:]}"
+        assert f"ok {case} rank {rank}" in out
+    return results
+
+
+def test_ddp_gradients_equal_manual_mean_every_step_no_sync_and_refusal():
+    """R0, R1E, R2 and bf16 autocast: LocalDDP gradients == manually all-reduced mean at
+    steps 1 and 2; broadcast at wrap; eval without collectives; no_sync; plain DDP refused."""
+    run_case("ddp", 2)
+
+
+def test_sync_bn_equals_one_process_on_the_concatenated_batch():
+    run_case("sync_bn", 2)
+
+
+def test_pipeline_equals_single_process_bit_for_bit():
+    """3 stages, R2E with a_1 crossing two stage boundaries, and R1 channels_last: parameters
+    after 3 steps, per-module losses and eval logits equal one process exactly."""
+    run_case("pipeline", 3)
+
+
+def test_killed_rank_fails_the_others_within_the_timeout_naming_it():
+    t0 = time.monotonic()
+    results = launch([str(WORKER), "kill"], 2, timeout=60.0, env_extra={"CONTSUP_TEST_TIMEOUT": "8"})
+    elapsed = time.monotonic() - t0
+    rc0, out0, err0 = results[0]
+    assert results[1][0] == 3
+    assert rc0 != 0, out0
+    assert "rank 1" in err0, err0[-2000:]
+    assert elapsed < 45, elapsed
+
+
+def test_bad_arguments_name_the_argument():
+    torch.manual_seed(0)
+    local = LocalSequential(build_model("resnet20", 10), K=2, context="R0", input_size=(3, 16, 16))
+    with pytest.raises(ValueError, match="process_group"):
+        D.LocalDDP(local)
+    with pytest.raises(ValueError, match="process_group"):
+        D.LocalPipeline(local)
+    with pytest.raises(ValueError, match="local must be a LocalSequential"):
+        D.LocalDDP(torch.nn.Linear(2, 2))
+    with pytest.raises(ValueError, match="stages"):
+        D.balance_stages([1.0, 2.0], 3)
+
+
+def test_balance_stages_minimises_the_largest_stage():
+    assert D.balance_stages([1, 1, 1, 1], 2) == [2, 2]
+    assert D.balance_stages([4, 1, 1, 1, 1], 2) == [1, 4]
+    assert D.balance_stages([1, 2, 3], 3) == [1, 1, 1]
+    assert sum(D.balance_stages([3, 1, 4, 1, 5, 9, 2, 6], 3)) == 8
