@@ -722,7 +722,8 @@ class LocalPipeline:
         needs_x = [(m.context is not None and m.context.image is not None) or m.decoder is not None
                    or 0 in reads[m.index] for m in self.local]
         self._send_x = [any(needs_x[self.bounds[s][1]:]) for s in range(self.num_stages)]
-        self._send_a = [sorted(i for i in self._reads_after[self.bounds[s][1] - 1] if i > 0)
+        self._send_a = [sorted(i for i in self._reads_after[self.bounds[s][1] - 1]
+                               if 0 < i < self.bounds[s][1])
                         for s in range(self.num_stages)]
         most = max([len(a) for a in self._send_a] + [0])
         self._header_len = 2 + _SLOT * (3 + most)
@@ -737,6 +738,11 @@ class LocalPipeline:
         return "\n".join(lines)
 
     # -------------------------------------------------------------- modes, state
+    @property
+    def in_flight(self) -> bool:
+        """True between the first :meth:`step` and :meth:`flush` (batches may be in flight)."""
+        return self._tick != 0
+
     @property
     def training(self) -> bool:
         return self.local.training
