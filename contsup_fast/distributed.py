@@ -340,12 +340,15 @@ class _CPUSyncBatchNorm(nn.SyncBatchNorm):
         if (input.device.type == "cuda" or not self.training or not dist.is_initialized()
                 or dist.get_world_size(group) == 1):
             return super().forward(input)
-        from torch.distributed.nn.functional import all_reduce
+        import warnings
+        from torch.distributed.nn.functional import all_reduce  # autograd-aware (sums gradients)
         dims = [d for d in range(input.dim()) if d != 1]
         x = input.float()
         count = torch.tensor([x.numel() / x.shape[1]], dtype=torch.float32, device=x.device)
         stats = torch.cat([x.sum(dims), (x * x).sum(dims), count])
-        stats = all_reduce(stats, group=group)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)  # its successor has no autograd on gloo
+            stats = all_reduce(stats, group=group)
         C = x.shape[1]
         n = stats[-1]
         mean = stats[:C] / n

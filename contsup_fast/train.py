@@ -316,6 +316,9 @@ def _add_parallel_args(p: argparse.ArgumentParser) -> None:
                         "(default: balance the splitter's cost)")
     g.add_argument("--sync-bn", action="store_true",
                    help="data: BatchNorm statistics over the whole batch of all processes")
+    g.add_argument("--image-size", type=_positive_int, default=224,
+                   help="--dataset imagefolder: training crop and evaluation centre crop (the "
+                        "evaluation resize is 256/224 of it)")
     g.add_argument("--dist-timeout", type=float, default=300.0,
                    help="seconds a process waits for the others before failing; a dead or hung "
                         "rank is named")
@@ -334,7 +337,7 @@ def _stages_arg(s: str):
 
 
 #: settings of a multi-process run that change its result (refused on --resume if changed)
-PARALLEL_RESULT_ARGS = ("parallel", "stages", "sync_bn")
+PARALLEL_RESULT_ARGS = ("parallel", "stages", "sync_bn", "image_size")
 
 
 def _env_rank() -> int:
@@ -349,6 +352,11 @@ def _silence_parser_off_rank0(parser: argparse.ArgumentParser) -> None:
     if _env_rank() > 0:
         parser.print_usage = lambda file=None: None
         parser.exit = lambda status=0, message=None: sys.exit(status)
+
+
+def _fail(parser: argparse.ArgumentParser, message: str) -> None:
+    """Exit with status 2 and one line ``contsup-train: error: message`` (no usage text)."""
+    parser.exit(2, f"{parser.prog}: error: {message}\n")
 
 
 def _check_data_dir(args) -> None:
@@ -367,19 +375,19 @@ def _check_data_dir(args) -> None:
 def _check_parallel_args(parser, args, ckpt) -> None:
     if args.parallel == "none":
         if args.stages is not None or args.sync_bn:
-            parser.error("--stages and --sync-bn need --parallel pipeline / --parallel data")
+            _fail(parser, "--stages and --sync-bn need --parallel pipeline / --parallel data")
     if not args.dist_timeout > 0:
-        parser.error(f"--dist-timeout must be > 0 seconds, got {args.dist_timeout}")
+        _fail(parser, f"--dist-timeout must be > 0 seconds, got {args.dist_timeout}")
     if args.parallel != "pipeline" and args.stages is not None:
-        parser.error("--stages is for --parallel pipeline")
+        _fail(parser, "--stages is for --parallel pipeline")
     if args.parallel != "data" and args.sync_bn:
-        parser.error("--sync-bn is for --parallel data")
+        _fail(parser, "--sync-bn is for --parallel data")
     if ckpt is None:
         return
     world = int(os.environ.get("WORLD_SIZE", "1")) if args.parallel != "none" else 1
     saved_mode, saved_world = ckpt.get("parallel", "none"), int(ckpt.get("world_size", 1))
     if (saved_mode, saved_world) != (args.parallel, world):
-        parser.error(f"--resume: the checkpoint was written by --parallel {saved_mode} on "
+        _fail(parser, f"--resume: the checkpoint was written by --parallel {saved_mode} on "
                      f"{saved_world} process(es); this run is --parallel {args.parallel} on {world}. "
                      f"Resume it with the same launch (torchrun --nproc-per-node {saved_world} ... "
                      f"--parallel {saved_mode})" if saved_mode != "none" else
@@ -387,7 +395,7 @@ def _check_parallel_args(parser, args, ckpt) -> None:
                      f"without --parallel and without torchrun")
     for k in PARALLEL_RESULT_ARGS:
         if ckpt["args"].get(k, getattr(args, k)) != getattr(args, k):
-            parser.error(f"--resume: --{k.replace('_', '-')}: checkpoint has "
+            _fail(parser, f"--resume: --{k.replace('_', '-')}: checkpoint has "
                          f"{ckpt['args'].get(k)!r}, command line {getattr(args, k)!r}")
 
 
@@ -410,16 +418,17 @@ def _load_data(parser, args, par: "_Parallel") -> _Data:
             loader, test_loader, classes = D.imagefolder_loaders(
                 args.data_dir, args.batch_size, max(args.batch_size, 256), device, seed=args.seed,
                 rank=par.rank if shard else 0, world_size=par.world if shard else 1,
-                num_workers=args.num_workers, channels_last=args.channels_last)
+                num_workers=args.num_workers, channels_last=args.channels_last,
+                size=args.image_size)
         except (FileNotFoundError, ValueError) as exc:
-            parser.error(str(exc))
+            _fail(parser, str(exc))
         n_train = len(loader.dataset)
         base = test_loader.dataset
         n_test = len(base.dataset if isinstance(base, torch.utils.data.Subset) else base)
         mean, std = D.IMAGENET_STATS
         return _Data(loader=loader, test_loader=test_loader, num_classes=len(classes),
                      data_dir=args.data_dir, warnings=[], mean=mean, std=std, n_train=n_train,
-                     n_test=n_test, image_size=(224, 224))
+                     n_test=n_test, image_size=(args.image_size, args.image_size))
     data_dir = D.find_data_dir(args.dataset, args.data_dir)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -427,7 +436,7 @@ def _load_data(parser, args, par: "_Parallel") -> _Data:
             x_train, y_train = D.load_dataset(data_dir, args.dataset, train=True)
             x_test, y_test = D.load_dataset(data_dir, args.dataset, train=False)
         except (FileNotFoundError, ValueError) as exc:
-            parser.error(f"--data-dir {data_dir!r}: {str(exc).splitlines()[0]}")
+            _fail(parser, f"--data-dir {data_dir!r}: {str(exc).splitlines()[0]}")
     data_warnings = [str(w.message) for w in caught]
     if par.is_main:
         for msg in data_warnings:  # once each, without a source line
@@ -481,7 +490,7 @@ class _Parallel:
         try:
             info = init_distributed(timeout_s=args.dist_timeout, device=args.device)
         except (RuntimeError, ValueError) as exc:
-            parser.error(str(exc))
+            _fail(parser, str(exc))
         if args.parallel == "data" and args.dataset != "imagefolder" and args.batch_size < 2 * info.world_size:
             parser.error(f"--batch-size {args.batch_size}: data parallel on {info.world_size} "
                          f"processes needs at least {2 * info.world_size} images per step")
@@ -787,7 +796,7 @@ def _prepare_args(argv: Optional[Sequence[str]]):
     try:
         _check_data_dir(args)
     except FileNotFoundError as exc:
-        parser.error(str(exc))
+        _fail(parser, str(exc))
     _check_parallel_args(parser, args, ckpt)
     return parser, args, ckpt
 

@@ -212,6 +212,40 @@ def case_pipeline(info):
             raise AssertionError(f"stages={stages} with K={K} was accepted")
 
 
+# ------------------------------------------------------------------------------ training CLI
+def cli_runs(out_root, data_dir, ports):
+    """The training CLI (contsup_fast.train.run, as torchrun runs it) in data and pipeline
+    mode: stop after epoch 1, resume, and compare (data: with an uninterrupted run; pipeline:
+    the stage files are compared by the test with a single-process run)."""
+    from contsup_fast import train as T
+    from contsup_fast.checkpoint import load_checkpoint
+    common = ["--model", "resnet20", "--K", "4", "--context", "R2E", "--data-dir", data_dir,
+              "--batch-size", "16", "--epochs", "2", "--device", "cpu", "--lr", "0.05",
+              "--warmup-epochs", "1", "--no-progress", "--dist-timeout", "30"]
+    runs = [["--parallel", "data", "--out", f"{out_root}/data"],
+            ["--parallel", "data", "--out", f"{out_root}/data_split", "--stop-after-epochs", "1"],
+            ["--resume", f"{out_root}/data_split", "--parallel", "data"],
+            ["--parallel", "pipeline", "--out", f"{out_root}/pipe", "--stop-after-epochs", "1"],
+            ["--resume", f"{out_root}/pipe", "--parallel", "pipeline"]]
+    for argv, port in zip(runs, ports):
+        os.environ["MASTER_PORT"] = str(port)
+        T.run((common if "--resume" not in argv else []) + argv)
+    if int(os.environ["RANK"]) == 0:
+        a, b = load_checkpoint(f"{out_root}/data"), load_checkpoint(f"{out_root}/data_split")
+        assert (a["epoch"], b["epoch"], b["world_size"]) == (2, 2, 2)
+        assert_equal(a["model"], b["model"], "data-parallel resume")
+        for i, st in a["optimizer"]["state"].items():
+            assert torch.equal(st["momentum_buffer"], b["optimizer"]["state"][i]["momentum_buffer"])
+
+
+def case_cli(info):
+    D.shutdown_distributed()  # every run joins its own process group, as under torchrun
+    ports = [int(p) for p in os.environ["CONTSUP_TEST_PORTS"].split(",")]
+    cli_runs(os.environ["CONTSUP_TEST_OUT"], os.environ["CONTSUP_TEST_DATA"], ports)
+    os.environ["MASTER_PORT"] = str(ports[-1])
+    D.init_distributed(backend="gloo", timeout_s=30, device="cpu")
+
+
 # ------------------------------------------------------------------------------ failures
 def case_kill(info):
     """Rank 1 dies after one step; rank 0 must fail naming rank 1 within the timeout."""

@@ -113,3 +113,72 @@ def test_balance_stages_minimises_the_largest_stage():
     assert D.balance_stages([4, 1, 1, 1, 1], 2) == [1, 4]
     assert D.balance_stages([1, 2, 3], 3) == [1, 1, 1]
     assert sum(D.balance_stages([3, 1, 4, 1, 5, 9, 2, 6], 3)) == 8
+
+
+# ------------------------------------------------------------------------------ training CLI
+def _write_tiny_cifar(root):
+    """80 train / 40 test 32x32 images in the CIFAR-10 python layout; the class sets the colour."""
+    import pickle
+
+    import numpy as np
+    folder = root / "cifar-10-batches-py"
+    folder.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    palette = rng.integers(30, 225, (10, 3))
+
+    def make(n):
+        y = np.arange(n) % 10
+        rng.shuffle(y)
+        x = palette[y][:, :, None, None] + rng.normal(0, 25, (n, 3, 32, 32))
+        return {b"data": np.clip(x, 0, 255).astype(np.uint8).reshape(n, 3072), b"labels": y.tolist()}
+
+    for name, n in [(f"data_batch_{b}", 16) for b in range(1, 6)] + [("test_batch", 40)]:
+        with open(folder / name, "wb") as f:
+            pickle.dump(make(n), f, protocol=2)
+    return str(root)
+
+
+@pytest.mark.filterwarnings("ignore:.*differs from the official release")
+def test_cli_resume_is_exact_in_data_and_pipeline_mode(tmp_path):
+    """Under the torchrun environment: data parallel stopped after epoch 1 and resumed equals an
+    uninterrupted run; pipeline stopped and resumed equals a single-process run, bit for bit."""
+    from contsup_fast import train as T
+    from contsup_fast.checkpoint import load_checkpoint
+    data = _write_tiny_cifar(tmp_path / "cifar")
+    ports = ",".join(str(free_port()) for _ in range(6))
+    run_case("cli", 2, timeout=300, CONTSUP_TEST_PORTS=ports, CONTSUP_TEST_OUT=str(tmp_path),
+             CONTSUP_TEST_DATA=data)
+    T.run(["--model", "resnet20", "--K", "4", "--context", "R2E", "--data-dir", data,
+           "--batch-size", "16", "--epochs", "2", "--device", "cpu", "--lr", "0.05",
+           "--warmup-epochs", "1", "--no-progress", "--out", str(tmp_path / "single")])
+    ref = load_checkpoint(tmp_path / "single")["model"]
+    ck = load_checkpoint(tmp_path / "pipe")
+    assert (ck["epoch"], ck["world_size"], ck["stages"]) == (2, 2, [2, 2])
+    seen = 0
+    for s in range(2):
+        stage = load_checkpoint(str(tmp_path / "pipe" / f"stage{s}of2.pt"))
+        assert stage["save_id"] == ck["save_id"]
+        for k, v in stage["pipeline"]["model"].items():
+            assert torch.equal(v, ref[k]), k
+            seen += 1
+    assert seen == len(ref)
+
+
+def test_resume_on_another_world_size_is_refused_in_one_line(tmp_path, monkeypatch, capsys):
+    from contsup_fast import train as T
+    from contsup_fast.checkpoint import save_checkpoint
+    data = _write_tiny_cifar(tmp_path / "cifar")
+    args = vars(T.build_parser().parse_args(["--data-dir", data, "--parallel", "data",
+                                              "--out", str(tmp_path / "r")]))
+    save_checkpoint({"args": args, "parallel": "data", "world_size": 2, "epoch": 1},
+                    str(tmp_path / "r" / "checkpoint.pt"))
+    monkeypatch.setenv("WORLD_SIZE", "3")
+    with pytest.raises(SystemExit) as exc:
+        T.main(["--resume", str(tmp_path / "r")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert exc.value.code == 2 and len(err) == 1
+    assert "2 process(es)" in err[0] and "on 3" in err[0] and "--nproc-per-node 2" in err[0]
+    monkeypatch.delenv("WORLD_SIZE")
+    with pytest.raises(SystemExit):
+        T.main(["--resume", str(tmp_path / "r"), "--parallel", "none"])
+    assert "--parallel data on 2" in capsys.readouterr().err
