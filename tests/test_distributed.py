@@ -148,9 +148,14 @@ def test_cli_resume_is_exact_in_data_and_pipeline_mode(tmp_path):
     ports = ",".join(str(free_port()) for _ in range(6))
     run_case("cli", 2, timeout=300, CONTSUP_TEST_PORTS=ports, CONTSUP_TEST_OUT=str(tmp_path),
              CONTSUP_TEST_DATA=data)
-    T.run(["--model", "resnet20", "--K", "4", "--context", "R2E", "--data-dir", data,
-           "--batch-size", "16", "--epochs", "2", "--device", "cpu", "--lr", "0.05",
-           "--warmup-epochs", "1", "--no-progress", "--out", str(tmp_path / "single")])
+    threads = torch.get_num_threads()
+    try:  # the ranks run 1 thread each; the same thread count gives the same reduction order
+        T.run(["--model", "resnet20", "--K", "4", "--context", "R2E", "--data-dir", data,
+               "--batch-size", "16", "--epochs", "2", "--device", "cpu", "--lr", "0.05",
+               "--warmup-epochs", "1", "--no-progress", "--threads", "1",
+               "--out", str(tmp_path / "single")])
+    finally:
+        torch.set_num_threads(threads)
     ref = load_checkpoint(tmp_path / "single")["model"]
     ck = load_checkpoint(tmp_path / "pipe")
     assert (ck["epoch"], ck["world_size"], ck["stages"]) == (2, 2, [2, 2])
