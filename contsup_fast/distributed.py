@@ -454,6 +454,8 @@ class LocalDDP(nn.Module):
         self._pending: List[_Bucket] = []
         self._active = False
         self._sync = True
+        #: running totals: bytes handed to all-reduce, seconds spent waiting for it
+        self.stats = {"bytes_sent": 0, "wait_s": 0.0}
         self._hook = local.register_module_step_hook(self._after_module)
 
     # -------------------------------------------------------------- setup
@@ -491,15 +493,18 @@ class LocalDDP(nn.Module):
             except Exception as exc:
                 raise comm_failure(exc, f"the gradient all-reduce of local module {m.index}") from exc
             self._pending.append(b)
+            self.stats["bytes_sent"] += b.flat.numel() * b.flat.element_size()
 
     @torch.no_grad()
     def _finish(self) -> None:
         pending, self._pending = self._pending, []
         for b in pending:
+            t0 = time.perf_counter()
             try:
                 b.work.wait()
             except Exception as exc:
                 raise comm_failure(exc, "the gradient all-reduce") from exc
+            self.stats["wait_s"] += time.perf_counter() - t0
             b.flat.div_(self.world_size)
             offset = 0
             for p in b.with_grad:
@@ -712,8 +717,9 @@ class LocalPipeline:
         self.scheduler = sched_factory(self.optimizer) if sched_factory is not None else None
         self.scaler = torch.amp.GradScaler(self.device.type) if grad_scaler else None
         self._tick = 0
-        self._fed = 0
         self._inflight: List[Tuple[object, Tensor]] = []
+        #: running totals: bytes sent forward, seconds blocked receiving or finishing sends
+        self.stats = {"bytes_sent": 0, "wait_s": 0.0}
         self.reset_metrics()
 
     # -------------------------------------------------------------- placement
@@ -806,11 +812,13 @@ class LocalPipeline:
 
     def _wait_sends(self) -> None:
         inflight, self._inflight = self._inflight, []
+        t0 = time.perf_counter()
         for work, _ in inflight:
             try:
                 work.wait()
             except Exception as exc:
                 raise self._peer_failure(exc, "sending to", self.stage + 1) from exc
+        self.stats["wait_s"] += time.perf_counter() - t0
 
     def _send(self, tensors: List[Tuple[int, Tensor]]) -> None:
         self._wait_sends()
@@ -829,12 +837,14 @@ class LocalPipeline:
             self._inflight.append((dist.isend(header, dst, group=self._header_group), header))
             for w in wires:
                 self._inflight.append((dist.isend(w, dst, group=self.group), w))
+            self.stats["bytes_sent"] += header.numel() * 8 + sum(w.numel() * w.element_size() for w in wires)
         except Exception as exc:
             raise self._peer_failure(exc, "sending to", self.stage + 1) from exc
 
     def _recv(self) -> Optional[Dict[int, Tensor]]:
         src = self._ranks[self.stage - 1]
         header = torch.zeros(self._header_len, dtype=torch.int64)
+        t0 = time.perf_counter()
         try:
             dist.recv(header, src, group=self._header_group)
             if int(header[0]) == _EMPTY:
@@ -849,6 +859,8 @@ class LocalPipeline:
                 out[tag] = buf.permute(0, 3, 1, 2) if cl else buf
         except Exception as exc:
             raise self._peer_failure(exc, "receiving from", self.stage - 1) from exc
+        finally:
+            self.stats["wait_s"] += time.perf_counter() - t0
         return out
 
     # -------------------------------------------------------------- ticks
