@@ -373,9 +373,6 @@ def _check_data_dir(args) -> None:
 
 
 def _check_parallel_args(parser, args, ckpt) -> None:
-    if args.parallel == "none":
-        if args.stages is not None or args.sync_bn:
-            _fail(parser, "--stages and --sync-bn need --parallel pipeline / --parallel data")
     if not args.dist_timeout > 0:
         _fail(parser, f"--dist-timeout must be > 0 seconds, got {args.dist_timeout}")
     if args.parallel != "pipeline" and args.stages is not None:

@@ -105,6 +105,7 @@ def case_ddp(info):
         assert "LocalDDP" in str(exc), exc
     else:
         raise AssertionError("DistributedDataParallel(LocalSequential) was not refused")
+    case_sync_bn(info)  # same two processes: one interpreter start-up less
 
 
 def case_sync_bn(info):

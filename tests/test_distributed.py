@@ -68,14 +68,12 @@ def run_case(case, nprocs, timeout=120.0, **env):
     return results
 
 
-def test_ddp_gradients_equal_manual_mean_every_step_no_sync_and_refusal():
+def test_ddp_gradients_equal_manual_mean_every_step_no_sync_sync_bn_and_refusal():
     """R0, R1E, R2 and bf16 autocast: LocalDDP gradients == manually all-reduced mean at
-    steps 1 and 2; broadcast at wrap; eval without collectives; no_sync; plain DDP refused."""
+    steps 1 and 2; broadcast at wrap; eval without collectives; no_sync; plain DDP refused;
+    sync_bn (native and torch backends): running statistics and gradients of two processes
+    with half a batch each == one process on the concatenated batch."""
     run_case("ddp", 2)
-
-
-def test_sync_bn_equals_one_process_on_the_concatenated_batch():
-    run_case("sync_bn", 2)
 
 
 def test_pipeline_equals_single_process_bit_for_bit():
