@@ -239,6 +239,7 @@ def main(argv=None) -> Dict[str, object]:
         args.model, args.K, args.size, args.batch = "resnet20", 4, 16, 16
         args.steps, args.warmup, args.procs = 4, 2, "1,2"
     import torch
+    load_start = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
     procs = [int(n) for n in args.procs.split(",")]
     modes = args.modes.split(",")
     rows = [run_config(args, "single", 1, None)]
@@ -261,9 +262,10 @@ def main(argv=None) -> Dict[str, object]:
         r["wait ms/step (max rank)"] = max(r["wait_ms_per_step"]) if r.get("wait_ms_per_step") else None
     device = "cuda" if torch.cuda.is_available() else "cpu"
     env = environment(torch.device(device))
-    try:
+    try:  # other programs on the machine change the result: record how busy it was
+        env["load_average_1m_at_start"] = load_start
         env["load_average_1m_at_end"] = os.getloadavg()[0]
-    except OSError:
+    except (OSError, AttributeError):
         pass
     tag = args.tag or (device + ("_quick" if args.quick else ""))
     settings = {k: getattr(args, k) for k in ("model", "K", "context", "size", "batch", "steps",

@@ -794,12 +794,14 @@ class LocalPipeline:
                              f"{state.get('num_stages')} (modules per stage {state.get('counts')}) "
                              f"cannot load into stage {self.stage} of {self.num_stages} "
                              f"({self.counts})")
-        missing = self.local.load_state_dict(state["model"], strict=False)
-        mine = [k for k in missing.missing_keys
-                if any(k.startswith(f"local_modules.{j}.") for j in range(self.start, self.stop))]
-        if mine or missing.unexpected_keys:
-            raise ValueError(f"LocalPipeline: stage state does not match the model: missing "
-                             f"{mine[:3]}, unexpected {missing.unexpected_keys[:3]}")
+        for j in range(self.start, self.stop):
+            prefix = f"local_modules.{j}."
+            own = {k[len(prefix):]: v for k, v in state["model"].items() if k.startswith(prefix)}
+            try:
+                self.local.local_modules[j].load_state_dict(own)
+            except RuntimeError as exc:
+                raise ValueError(f"LocalPipeline: the stage state does not fit local module {j}: "
+                                 f"{str(exc).splitlines()[0]}") from exc
         for name, obj in (("optimizer", self.optimizer), ("scheduler", self.scheduler),
                           ("scaler", self.scaler)):
             if obj is not None and state.get(name) is not None:

@@ -222,7 +222,7 @@ def cli_runs(out_root, data_dir, ports):
     from contsup_fast.checkpoint import load_checkpoint
     common = ["--model", "resnet20", "--K", "4", "--context", "R2E", "--data-dir", data_dir,
               "--batch-size", "16", "--epochs", "2", "--device", "cpu", "--lr", "0.05",
-              "--warmup-epochs", "1", "--no-progress", "--dist-timeout", "30"]
+              "--warmup-epochs", "1", "--no-progress", "--dist-timeout", "120"]
     runs = [["--parallel", "data", "--out", f"{out_root}/data"],
             ["--parallel", "data", "--out", f"{out_root}/data_split", "--stop-after-epochs", "1"],
             ["--resume", f"{out_root}/data_split", "--parallel", "data"],
@@ -244,7 +244,7 @@ def case_cli(info):
     ports = [int(p) for p in os.environ["CONTSUP_TEST_PORTS"].split(",")]
     cli_runs(os.environ["CONTSUP_TEST_OUT"], os.environ["CONTSUP_TEST_DATA"], ports)
     os.environ["MASTER_PORT"] = str(ports[-1])
-    D.init_distributed(backend="gloo", timeout_s=30, device="cpu")
+    D.init_distributed(backend="gloo", timeout_s=120, device="cpu")
 
 
 # ------------------------------------------------------------------------------ failures
@@ -261,7 +261,7 @@ def case_kill(info):
 
 def main():
     case = sys.argv[1]
-    timeout = float(os.environ.get("CONTSUP_TEST_TIMEOUT", "30"))
+    timeout = float(os.environ.get("CONTSUP_TEST_TIMEOUT", "120"))  # generous: CI machines are busy
     info = D.init_distributed(backend="gloo", timeout_s=timeout, device="cpu")
     try:
         globals()[f"case_{case}"](info)
