@@ -61,8 +61,6 @@ def module_step_times(args) -> List[float]:
     """Median seconds of each local module's step (context, body, loss, backward) at
     ``--batch`` in this process (used to balance the pipeline stages by time)."""
     import statistics
-
-    import torch
     local = _build(args)
     x, y = _batch(args, args.batch, 0, "cpu")
     times: List[List[float]] = [[] for _ in range(args.K)]
@@ -75,7 +73,6 @@ def module_step_times(args) -> List[float]:
             times[m.index].append(time.perf_counter() - t0)
             inputs[m.index] = a
         local.zero_grad(set_to_none=True)
-    del torch
     return [statistics.median(t) for t in times]
 
 
@@ -180,7 +177,8 @@ def run_config(args, mode: str, procs: int, stages: Optional[List[int]]) -> Dict
     line = next((ln for out, _ in outs for ln in out.splitlines() if ln.startswith("RESULT ")), None)
     if line is None:
         err = "\n".join(e[-800:] for _, e in outs) or f"timed out after {args.timeout} s"
-        return {"mode": mode, "procs": procs, "error": err.strip().splitlines()[-1] if err.strip() else "failed"}
+        last = err.strip().splitlines()[-1] if err.strip() else "failed"
+        return {"mode": mode, "procs": procs, "error": last}
     records = json.loads(line[len("RESULT "):])
     seconds = max(r["seconds"] for r in records)
     return {"mode": mode, "procs": procs, "images_per_s": args.batch * args.steps / seconds,

@@ -33,14 +33,13 @@ from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .local import LocalModule, LocalSequential
 
 __all__ = ["LocalDDP", "LocalPipeline", "StageOutput", "DeadRankError", "RankWatchdog",
-           "DistInfo", "init_distributed", "shutdown_distributed", "StopVote", "module_costs",
-           "balance_stages", "EXIT_PEER_DEAD"]
+           "DistInfo", "init_distributed", "shutdown_distributed", "current", "comm_failure",
+           "StopVote", "convert_sync_batchnorm", "module_costs", "balance_stages", "EXIT_PEER_DEAD"]
 
 #: exit status of a process that the watchdog ends because another rank died or hung
 EXIT_PEER_DEAD = 75

@@ -488,7 +488,8 @@ class _Parallel:
             info = init_distributed(timeout_s=args.dist_timeout, device=args.device)
         except (RuntimeError, ValueError) as exc:
             _fail(parser, str(exc))
-        if args.parallel == "data" and args.dataset != "imagefolder" and args.batch_size < 2 * info.world_size:
+        small = args.batch_size < 2 * info.world_size
+        if args.parallel == "data" and args.dataset != "imagefolder" and small:
             parser.error(f"--batch-size {args.batch_size}: data parallel on {info.world_size} "
                          f"processes needs at least {2 * info.world_size} images per step")
         return cls(args.parallel, info.device, info)
