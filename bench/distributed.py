@@ -12,7 +12,10 @@ GPU per process when CUDA is there), started by this script with the torchrun en
   per-module step time (``--balance time``, default) or by the splitter's cost (``cost``).
 
 Images/s is ``batch * steps / seconds`` between two barriers after ``--warmup`` steps (for the
-pipeline: in steady state, the pipeline full). Writes ``bench/results/distributed_<tag>.json``
+pipeline: in steady state, the pipeline full). ``cpu_bound_speedup`` is the one-process CPU
+time per step over the busiest rank's CPU time per step: the speed-up the configuration would
+reach if every process had a core to itself (a measured figure that other programs sharing the
+cores do not change much, unlike images/s). Writes ``bench/results/distributed_<tag>.json``
 and a bar plot ``.png``; prints a table with each configuration's speed-up over the
 one-process baseline of the same run. ``--quick`` (a tiny model, 1 and 2 processes) is what CI
 runs.
@@ -123,18 +126,20 @@ def worker(args) -> None:
         dist.barrier()
         if target is not None:
             target.stats.update(bytes_sent=0, wait_s=0.0)
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     for _ in range(args.steps):
         step()
     sync()
     if info is not None:
         dist.barrier()
     seconds = time.perf_counter() - t0
+    cpu_seconds = time.process_time() - c0
     if target is not None:
         stats = dict(target.stats)
     if mode == "pipeline":
         pipe.flush()
-    record = {"rank": rank, "seconds": seconds, "bytes_per_step": stats["bytes_sent"] / args.steps,
+    record = {"rank": rank, "seconds": seconds, "cpu_s_per_step": cpu_seconds / args.steps,
+              "bytes_per_step": stats["bytes_sent"] / args.steps,
               "wait_s_per_step": stats["wait_s"] / args.steps}
     if mode == "pipeline":
         record["stages"] = pipe.counts
@@ -185,6 +190,7 @@ def run_config(args, mode: str, procs: int, stages: Optional[List[int]]) -> Dict
             "step_ms": 1e3 * seconds / args.steps,
             "bytes_per_step": [r["bytes_per_step"] for r in records],
             "wait_ms_per_step": [1e3 * r["wait_s_per_step"] for r in records],
+            "cpu_ms_per_step": [1e3 * r["cpu_s_per_step"] for r in records],
             "stages": records[0].get("stages")}
 
 
@@ -252,10 +258,15 @@ def main(argv=None) -> Dict[str, object]:
                 continue
             rows.append(run_config(args, mode, n, stages))
     base = rows[0].get("images_per_s")
+    base_cpu = max(rows[0]["cpu_ms_per_step"]) if rows[0].get("cpu_ms_per_step") else None
     for r in rows:
         if base and "images_per_s" in r:
             r["speedup"] = r["images_per_s"] / base
             r["efficiency"] = r["speedup"] / r["procs"]
+        if base_cpu and r.get("cpu_ms_per_step"):
+            # throughput bound if every process had a core to itself: the busiest rank's CPU
+            # time per step limits it (insensitive to other programs sharing the cores)
+            r["cpu_bound_speedup"] = base_cpu / max(r["cpu_ms_per_step"])
         r["bytes/step (max rank)"] = max(r["bytes_per_step"]) if r.get("bytes_per_step") else None
         r["wait ms/step (max rank)"] = max(r["wait_ms_per_step"]) if r.get("wait_ms_per_step") else None
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -272,6 +283,7 @@ def main(argv=None) -> Dict[str, object]:
              f"{env['device_name']}")
     print(title)
     print(format_table(rows, ["mode", "procs", "stages", "images_per_s", "speedup", "efficiency",
+                              "cpu_bound_speedup",
                               "bytes/step (max rank)", "wait ms/step (max rank)", "error"]))
     payload = {"benchmark": "distributed", "environment": env, "settings": settings, "rows": rows}
     path = write_json(f"distributed_{tag}", payload)
