@@ -223,16 +223,19 @@ def main(argv=None) -> Dict[str, object]:
     p.add_argument("--context", default="R0")
     p.add_argument("--size", type=int, default=32, help="image side in pixels")
     p.add_argument("--batch", type=int, default=64, help="global batch (images per step)")
-    p.add_argument("--steps", type=int, default=12, help="timed steps")
-    p.add_argument("--warmup", type=int, default=4, help="untimed steps first (fills the pipeline)")
+    p.add_argument("--steps", type=int, default=None, help="timed steps (default 12; quick 4)")
+    p.add_argument("--warmup", type=int, default=None,
+                   help="untimed steps first, filling the pipeline (default 4; quick 2)")
     p.add_argument("--threads", type=int, default=1, help="torch threads per process")
-    p.add_argument("--procs", default="1,2,4", help="process counts for data and pipeline mode")
+    p.add_argument("--procs", default=None,
+                   help="process counts for data and pipeline mode (default 1,2,4; quick 1,2)")
     p.add_argument("--modes", default="data,pipeline")
     p.add_argument("--balance", default="time", choices=("time", "cost"),
                    help="pipeline stages: balanced by measured module step time or splitter cost")
     p.add_argument("--backend", default="auto")
     p.add_argument("--timeout", type=float, default=600.0, help="seconds per configuration")
     p.add_argument("--tag", default=None, help="output name suffix (default cpu/cuda + quick)")
+    p.add_argument("--out", default=None, help="folder for the JSON and plot (default bench/results)")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     p.add_argument("--stages", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -241,7 +244,9 @@ def main(argv=None) -> Dict[str, object]:
         return {}
     if args.quick:
         args.model, args.K, args.size, args.batch = "resnet20", 4, 16, 16
-        args.steps, args.warmup, args.procs = 4, 2, "1,2"
+    for k, normal, quick in (("steps", 12, 4), ("warmup", 4, 2), ("procs", "1,2,4", "1,2")):
+        if getattr(args, k) is None:
+            setattr(args, k, quick if args.quick else normal)
     import torch
     load_start = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
     procs = [int(n) for n in args.procs.split(",")]
@@ -286,8 +291,9 @@ def main(argv=None) -> Dict[str, object]:
                               "cpu_bound_speedup",
                               "bytes/step (max rank)", "wait ms/step (max rank)", "error"]))
     payload = {"benchmark": "distributed", "environment": env, "settings": settings, "rows": rows}
-    path = write_json(f"distributed_{tag}", payload)
-    png = plot(rows, RESULTS / f"distributed_{tag}.png", title)
+    out_dir = Path(args.out) if args.out else RESULTS
+    path = write_json(f"distributed_{tag}", payload, out_dir)
+    png = plot(rows, out_dir / f"distributed_{tag}.png", title)
     print(f"wrote {path}" + (f" and {png}" if png else ""))
     return payload
 

@@ -1059,9 +1059,10 @@ def _train(parser, args, ckpt, par: "_Parallel", t_start: float) -> Dict[str, An
         mid = 0 < pos["batch"] and pos["epoch"] < args.epochs
         checkpoint(mid_epoch=mid)
         write_log()
-        print(f"\ninterrupted at epoch {pos['epoch'] + 1}, step {pos['batch']}/{steps_per_epoch}:"
-              f" checkpoint saved to {ckpt_path}; continue with --resume {args.out}",
-              file=sys.stderr if par.is_main else open(os.devnull, "w"), flush=True)
+        if par.is_main:
+            print(f"\ninterrupted at epoch {pos['epoch'] + 1}, step {pos['batch']}/{steps_per_epoch}:"
+                  f" checkpoint saved to {ckpt_path}; continue with --resume {args.out}",
+                  file=sys.stderr, flush=True)
         raise KeyboardInterrupt
 
     if last is None:  # resumed a finished run

@@ -185,3 +185,18 @@ def test_resume_on_another_world_size_is_refused_in_one_line(tmp_path, monkeypat
     with pytest.raises(SystemExit):
         T.main(["--resume", str(tmp_path / "r"), "--parallel", "none"])
     assert "--parallel data on 2" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_distributed_benchmark_quick(tmp_path, capsys):
+    """`python -m bench.distributed --quick` machinery: one process and a 2-stage pipeline."""
+    from bench import distributed as B
+    payload = B.main(["--quick", "--modes", "pipeline", "--procs", "2", "--steps", "1",
+                      "--warmup", "1", "--out", str(tmp_path), "--timeout", "300"])
+    assert "images_per_s" in capsys.readouterr().out
+    rows = payload["rows"]
+    assert [(r["mode"], r["procs"]) for r in rows] == [("single", 1), ("pipeline", 2)]
+    assert all(r.get("images_per_s", 0) > 0 for r in rows), rows
+    assert rows[1]["stages"] == [2, 2] or sum(rows[1]["stages"]) == 4
+    assert min(rows[1]["bytes_per_step"][:1]) > 0  # stage 0 sends h, y forward
+    assert (tmp_path / "distributed_cpu_quick.json").exists()
