@@ -10,12 +10,14 @@ module's, not the whole network's (ContSup, arXiv 2312.07636, Sec. 3, Alg. 1).
 from __future__ import annotations
 
 import copy
+from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Dict, List, Optional, Sequence, Tuple, Union
+from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.utils.hooks import RemovableHandle
 
 from .context import BoundaryContext, ContextSpec, check_gate, parse_context
 from .cuda_graphs import GraphedLocalSteps, require_cuda_graphs_support
@@ -194,6 +196,7 @@ class LocalSequential(nn.Module):
         device = next(self.parameters()).device
         self._backends: Dict[torch.device, object] = {device: resolve_backend(backend, device)}
         self._graphed = GraphedLocalSteps(self) if cuda_graphs else None
+        self._module_step_hooks: Dict[int, Callable[[LocalModule], None]] = OrderedDict()
 
     # ------------------------------------------------------------------ construction
     def _reconstruct_weights(self, model, reconstruct, weights) -> Optional[Tuple[float, ...]]:
@@ -261,6 +264,24 @@ class LocalSequential(nn.Module):
         if device not in self._backends:
             self._backends[device] = resolve_backend(self.backend_name, device)
         return self._backends[device]
+
+    # ------------------------------------------------------------------ multi-process hooks
+    def register_module_step_hook(self, hook: Callable[[LocalModule], None]) -> RemovableHandle:
+        """Call ``hook(m)`` after each local module ``m``'s step in a training call, once its
+        local backward has filled ``.grad`` (used by :class:`contsup_fast.distributed.LocalDDP`
+        to start that module's gradient all-reduce). Returns a handle with ``.remove()``."""
+        handle = RemovableHandle(self._module_step_hooks)
+        self._module_step_hooks[handle.id] = hook
+        return handle
+
+    @property
+    def _ddp_params_and_buffers_to_ignore(self):
+        # DistributedDataParallel reads this attribute when it wraps a module: refuse at once,
+        # since every local backward runs inside forward, before DDP's reducer is ready, so the
+        # first step's gradients would not be averaged
+        raise RuntimeError("DistributedDataParallel cannot wrap a LocalSequential (its local "
+                           "backwards run inside forward, so DDP would not average the first "
+                           "step's gradients); use contsup_fast.distributed.LocalDDP(local)")
 
     # ------------------------------------------------------------------ forward
     def _check_inputs(self, x: Tensor, y: Optional[Tensor]) -> None:
@@ -383,6 +404,9 @@ class LocalSequential(nn.Module):
         h: Optional[Tensor] = None
         for m in self.local_modules:
             h, a, loss = self.module_step(m, h, inputs, x, y, scaler, train, backend)
+            if train:
+                for hook in self._module_step_hooks.values():
+                    hook(m)
             if loss is not None:
                 losses.append(loss)
             if keep:
