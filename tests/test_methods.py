@@ -403,8 +403,8 @@ def test_methods_compose_with_backends_autocast_reconstruct(method):
         torch.manual_seed(1)
         try:
             local = LocalSequential(resnet20(), K=3, context="R1E", backend=backend, **METHODS[method])
-        except (RuntimeError, ValueError) as exc:  # backend not built here
-            pytest.skip(f"backend {backend}: {exc}")
+        except (RuntimeError, ValueError):  # backend not built or not usable here: compare the others
+            continue
         losses = local(x, y).local_losses
         if base is None:
             base = losses
