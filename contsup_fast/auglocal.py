@@ -42,7 +42,7 @@ import torch.fx as fx
 from torch import Tensor, nn
 
 __all__ = ["depth_schedule", "pick_layers", "HeadPlan", "plan_heads", "Layer", "finest_layers",
-           "AugLocalHead", "check_options"]
+           "AugLocalHead", "check_options", "is_residual_block", "initialise"]
 
 Shape = Tuple[int, int, int]
 
@@ -158,7 +158,9 @@ class Layer:
     out_shape: Shape
 
 
-def _rebuildable(m: nn.Module) -> bool:
+def is_residual_block(m: nn.Module) -> bool:
+    """True for the residual blocks AugLocal rebuilds and GN-DGL groups: our CIFAR
+    :class:`~contsup_fast.models.BasicBlock` and torchvision's ``BasicBlock``/``Bottleneck``."""
     from .models.cifar_resnet import BasicBlock
     if isinstance(m, BasicBlock):
         return True
@@ -194,7 +196,7 @@ def finest_layers(gm: fx.GraphModule, candidates: Sequence[str], shapes, input_s
             raise ValueError(f"aux='auglocal': layer {idx} of {type(gm).__name__} has no 4-D feature map to copy")
         seg = seg[: spatial[-1] + 1]
         out_shape = tuple(shapes[seg[-1].name][1:])
-        blocks = [modules[n.target] for n in seg if n.op == "call_module" and _rebuildable(modules[n.target])]
+        blocks = [modules[n.target] for n in seg if n.op == "call_module" and is_residual_block(modules[n.target])]
         block = blocks[0] if len(blocks) == 1 and len(seg) == 1 else None
         labels = [str(n.target) if n.op == "call_module" else n.name for n in seg]
         name = labels[0] if len(labels) == 1 else f"{labels[0]}..{labels[-1]}"
@@ -247,7 +249,10 @@ def _copy_layer(layer: Layer, shape: Shape) -> nn.Module:
     return nn.Sequential(nn.Conv2d(c, c0, 1, stride=stride, bias=False), nn.BatchNorm2d(c0), body)
 
 
-def _initialise(module: nn.Module) -> None:
+def initialise(module: nn.Module) -> None:
+    """Re-initialise every submodule as the CIFAR ResNets and the AugLocal reference do:
+    convolutions N(0, sqrt(2/(kh*kw*C_out))) with zero bias, BatchNorm weight 1, bias 0 and
+    fresh running statistics, anything else with its own ``reset_parameters()``."""
     for m in module.modules():
         if isinstance(m, nn.Conv2d):
             fan_out = m.kernel_size[0] * m.kernel_size[1] * m.out_channels
@@ -288,7 +293,7 @@ class AugLocalHead(nn.Module):
         self.blocks = nn.Sequential(*blocks)
         self.norm = nn.BatchNorm1d(c) if plan.depth <= 1 else None
         self.fc = nn.Linear(c, out_features)
-        _initialise(self)
+        initialise(self)
 
     def forward(self, h: Tensor, backend) -> Tensor:
         z = backend.global_avg_pool(self.blocks(h))

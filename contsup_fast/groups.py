@@ -26,13 +26,13 @@ workers:
 """
 from __future__ import annotations
 
-import math
 import warnings
 from typing import List, Sequence, Tuple
 
 import torch
 from torch import Tensor, nn
 
+from .auglocal import initialise, is_residual_block
 from .heads import AuxiliaryHead
 
 __all__ = ["check_width_groups", "group_modules", "GroupHeads", "body_macs", "macs_per_group", "ensemble_predict"]
@@ -52,17 +52,6 @@ def check_width_groups(G) -> int:
     return G
 
 
-def _is_block(m: nn.Module) -> bool:
-    from .models.cifar_resnet import BasicBlock
-    if isinstance(m, BasicBlock):
-        return True
-    try:
-        from torchvision.models import resnet as tv
-    except ImportError:  # pragma: no cover
-        return False
-    return isinstance(m, (tv.BasicBlock, tv.Bottleneck))
-
-
 def _has_conv(m: nn.Module) -> bool:
     return any(isinstance(c, nn.Conv2d) for c in m.modules())
 
@@ -77,11 +66,7 @@ def _grouped_conv(conv: nn.Conv2d, G: int, where: str) -> nn.Conv2d:
     new = nn.Conv2d(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding,
                     conv.dilation, groups=G, bias=conv.bias is not None, padding_mode=conv.padding_mode,
                     device=conv.weight.device, dtype=conv.weight.dtype)
-    fan_out = new.kernel_size[0] * new.kernel_size[1] * new.out_channels
-    with torch.no_grad():
-        nn.init.normal_(new.weight, 0.0, math.sqrt(2.0 / fan_out))
-        if new.bias is not None:
-            new.bias.zero_()
+    initialise(new)
     return new
 
 
@@ -105,7 +90,7 @@ def group_modules(pieces: Sequence[nn.Module], G: int, model_name: str = "model"
             if node.op != "call_module":
                 continue
             m = piece.get_submodule(node.target)
-            if not _is_block(m):
+            if not is_residual_block(m):
                 if _has_conv(m) and (j > 0 or seen_block):
                     raise ValueError(
                         f"width_groups={G}: {model_name} cannot be grouped: its layer {node.target!r} "
