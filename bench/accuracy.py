@@ -79,7 +79,8 @@ PRESETS: Dict[str, Protocol] = {
         name="cpu", model="resnet32", K=16, epochs=12, subset=10000, seeds=[0, 1],
         batch_size=128, lr=0.1, warmup_epochs=3, eval_every=3,
         variants={"E2E": _E2E, "R0": ["--context", "R0"], "R1E": ["--context", "R1E"],
-                  "R1E ramp": ["--context", "R1E", "--context-gate", "ramp"]}),
+                  "R1E ramp": ["--context", "R1E", "--context-gate", "ramp"],
+                  "R1E learned": ["--context", "R1E", "--context-gate", "learned"]}),
     "gpu": Protocol(
         name="gpu", model="resnet32", K=16, epochs=160, subset=None, seeds=[0],
         batch_size=1024, lr=0.8, warmup_epochs=10, eval_every=5,
@@ -87,6 +88,7 @@ PRESETS: Dict[str, Protocol] = {
         variants={"E2E": _E2E, "R0": ["--context", "R0"], "E": ["--context", "E"],
                   "R1": ["--context", "R1"], "R1E": ["--context", "R1E"],
                   "R1E ramp": ["--context", "R1E", "--context-gate", "ramp"],
+                  "R1E learned": ["--context", "R1E", "--context-gate", "learned"],
                   "R1E supcon": ["--context", "R1E", "--loss", "supcon"]}),
     "smoke": Protocol(
         name="smoke", model="resnet20", K=4, epochs=2, subset=64, seeds=[0, 1],

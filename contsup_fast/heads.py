@@ -13,14 +13,18 @@ from __future__ import annotations
 
 from typing import List
 
+import math
+
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .fused.reference import update_running_stats
 
-__all__ = ["AUX_CONFIGS", "AuxiliaryHead"]
+__all__ = ["AUX_CONFIGS", "AUX_METHODS", "AuxiliaryHead", "DGLHead"]
 
 AUX_CONFIGS = ("0c1f", "0c2f", "1c1f", "1c2f", "1c3f", "2c2f")
+#: every accepted ``aux``: the ``<a>c<b>f`` heads, AugLocal (:mod:`contsup_fast.auglocal`), DGL.
+AUX_METHODS = AUX_CONFIGS + ("auglocal", "dgl")
 
 
 class AuxiliaryHead(nn.Module):
@@ -77,3 +81,39 @@ class AuxiliaryHead(nn.Module):
 
     def forward(self, h: Tensor, backend) -> Tensor:
         return self.mlp(self.pool(h, backend))
+
+
+class DGLHead(nn.Module):
+    """DGL auxiliary network "mlp-sr" (Belilovsky et al., "Decoupled Greedy Learning of CNNs",
+    ICML 2020; reference github.com/eugenium/DGL, ``auxiliary_nets_study/models.py``,
+    ``auxillary_classifier3`` with ``n_lin=3, mlp_layers=3``) for a (N, C, S, S') map:
+
+    1. adaptive average pool to ceil(S/4) x ceil(S'/4);
+    2. three times Conv1x1(C->C, no bias) -> BN -> ReLU;
+    3. adaptive average pool to 2x2, flatten to 4C;
+    4. three times Linear(4C->4C) -> BN1d -> ReLU;
+    5. Linear(4C -> out_features).
+
+    Args:
+        in_channels: C.
+        in_size: (S, S') spatial size of the module output.
+        out_features: classes (cross-entropy) or the embedding size (supervised contrastive).
+    """
+
+    def __init__(self, in_channels: int, in_size, out_features: int = 10):
+        super().__init__()
+        self.pool_size = tuple(math.ceil(s / 4) for s in in_size)
+        convs: List[nn.Module] = []
+        for _ in range(3):
+            convs += [nn.Conv2d(in_channels, in_channels, 1, bias=False), nn.BatchNorm2d(in_channels), nn.ReLU()]
+        self.convs = nn.Sequential(*convs)
+        width = 4 * in_channels
+        mlp: List[nn.Module] = []
+        for _ in range(3):
+            mlp += [nn.Linear(width, width), nn.BatchNorm1d(width), nn.ReLU()]
+        mlp.append(nn.Linear(width, out_features))
+        self.mlp = nn.Sequential(*mlp)
+
+    def forward(self, h: Tensor, backend=None) -> Tensor:
+        z = self.convs(F.adaptive_avg_pool2d(h, self.pool_size))
+        return self.mlp(F.adaptive_avg_pool2d(z, (2, 2)).flatten(1))

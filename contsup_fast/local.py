@@ -10,18 +10,22 @@ module's, not the whole network's (ContSup, arXiv 2312.07636, Sec. 3, Alg. 1).
 from __future__ import annotations
 
 import copy
+from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Dict, List, Optional, Sequence, Tuple, Union
+from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.utils.hooks import RemovableHandle
 
 from .context import BoundaryContext, ContextSpec, check_gate, parse_context
 from .cuda_graphs import GraphedLocalSteps, require_cuda_graphs_support
 from .fused import BACKENDS, resolve_backend
-from .heads import AUX_CONFIGS, AuxiliaryHead
-from .losses import LOSSES, ReconstructionDecoder, denormalize, supervised_contrastive_loss
+from . import auglocal
+from .groups import GroupHeads, body_macs, check_width_groups, group_modules, macs_per_group
+from .heads import AUX_CONFIGS, AUX_METHODS, AuxiliaryHead, DGLHead
+from .losses import LOSSES, ReconstructionDecoder, denormalize, group_loss, supervised_contrastive_loss
 from .presets import RECONSTRUCTION_WEIGHTS
 from .splitting import SplitPlan, plan_split
 
@@ -54,8 +58,10 @@ class LocalModule(nn.Module):
         context: :class:`~contsup_fast.context.BoundaryContext` building this module's input
             from the previous module's detached output (None for module 0).
         body: the slice of the wrapped model it runs (an ``fx.GraphModule``).
-        head: its :class:`~contsup_fast.heads.AuxiliaryHead` (None for the last module,
-            whose loss is the model's own classifier with cross-entropy).
+        head: its auxiliary head (None for the last module, whose loss is the model's own
+            classifier with cross-entropy): :class:`~contsup_fast.heads.AuxiliaryHead`,
+            :class:`~contsup_fast.heads.DGLHead`, :class:`~contsup_fast.auglocal.AugLocalHead`,
+            or with width groups :class:`~contsup_fast.groups.GroupHeads`.
         decoder: InfoPro reconstruction decoder (``reconstruct=True``), else None.
     """
 
@@ -95,7 +101,16 @@ class LocalSequential(nn.Module):
         K: number of local modules (``K=1`` is ordinary end-to-end training).
         context: ``"R0"``, ``"E"``, ``"Rn"``, ``"RnE"`` (n from ``n``), or ``"R<k>"``/``"R<k>E"``.
         n: the ``n`` of ``"Rn"``/``"RnE"`` (default 1, so ``"RnE"`` is R1E).
-        aux: auxiliary head configuration, one of ``0c1f 0c2f 1c1f 1c2f 1c3f 2c2f``.
+        aux: auxiliary head, one of ``0c1f 0c2f 1c1f 1c2f 1c3f 2c2f`` (ContSup/InfoPro
+            ``<a>c<b>f``), ``"auglocal"`` (AugLocal, ICLR 2024: copies of later layers,
+            :mod:`contsup_fast.auglocal`) or ``"dgl"`` (DGL "mlp-sr", ICML 2020).
+        aux_depth: AugLocal head depth d (layers copied), integer >= 1 (default 2).
+        aux_pyramid: AugLocal pyramid coefficient gamma in [0, 1] (default 0.5): depths shrink
+            from d at module 0 towards 1; None keeps d for every head.
+        width_groups: GN-DGL width-wise groups G (None or 1: off). Converts the blocks of each
+            local module to grouped convolutions *in place* (:mod:`contsup_fast.groups`), gives
+            each module G ``aux`` heads and the loss sum of CEs + 0.5 x diversity (T=3).
+            Needs ``loss="ce"``, an ``<a>c<b>f`` aux and a model of residual blocks.
         loss: local loss of modules 0..K-2, ``"ce"`` or ``"supcon"`` (temperature 0.07).
         reconstruct: add the InfoPro reconstruction loss to modules 0..K-2.
         reconstruct_weights: ``(recon_first, cls_first, recon_last, cls_last)``, interpolated
@@ -120,10 +135,10 @@ class LocalSequential(nn.Module):
             see :mod:`contsup_fast.cuda_graphs`). For small models where launch overhead dominates.
 
     Raises:
-        ValueError: bad K, context, n, aux, loss, split, backend, context gate or cuda_graphs (the
-            message says what is allowed); :class:`~contsup_fast.splitting.UnsplittableModelError`
-            for a model that cannot be traced or cut. RuntimeError: ``cuda_graphs=True`` without
-            a CUDA GPU.
+        ValueError: bad K, context, n, aux, aux_depth, aux_pyramid, width_groups, loss, split,
+            backend, context gate or cuda_graphs (the message names the option and says what is
+            allowed); :class:`~contsup_fast.splitting.UnsplittableModelError` for a model that
+            cannot be traced or cut. RuntimeError: ``cuda_graphs=True`` without a CUDA GPU.
     """
 
     def __init__(self, model: nn.Module, K: int = 16, context: str = "RnE", n: Optional[int] = None,
@@ -132,6 +147,7 @@ class LocalSequential(nn.Module):
                  split: Union[None, str, Sequence[Union[int, str]]] = None, backend: str = "auto",
                  feature_dim: int = 128, input_size: Sequence[int] = (3, 32, 32),
                  image_mean: Sequence[float] = CIFAR10_MEAN, image_std: Sequence[float] = CIFAR10_STD,
+                 aux_depth: int = 2, aux_pyramid: Optional[float] = 0.5, width_groups: Optional[int] = None,
                  context_gate: Optional[str] = None, context_gate_steps: Optional[int] = None,
                  context_gate_init: float = 0.1, cuda_graphs: bool = False):
         super().__init__()
@@ -142,8 +158,17 @@ class LocalSequential(nn.Module):
         if not isinstance(model, nn.Module):
             raise ValueError(f"model must be an nn.Module, got {type(model).__name__}")
         self.spec: ContextSpec = parse_context(context, n)
-        if aux not in AUX_CONFIGS:
-            raise ValueError(f"aux must be one of {AUX_CONFIGS}, got {aux!r}")
+        if aux not in AUX_METHODS:
+            raise ValueError(f"aux must be one of {AUX_METHODS}, got {aux!r}")
+        auglocal.check_options(aux_depth, aux_pyramid)
+        G = check_width_groups(width_groups)
+        if G > 1 and aux not in AUX_CONFIGS:
+            raise ValueError(f"width_groups={G} gives each module G heads of an <a>c<b>f configuration "
+                             f"{AUX_CONFIGS} (GN-DGL uses 1c2f), got aux={aux!r}")
+        if G > 1 and loss != "ce":
+            raise ValueError(f"width_groups={G} trains its heads with cross-entropy plus a diversity term "
+                             f"on class probabilities; it needs loss='ce', got loss={loss!r}")
+        self.aux_depth, self.aux_pyramid, self.width_groups = aux_depth, aux_pyramid, G
         if loss not in LOSSES:
             raise ValueError(f"loss must be one of {LOSSES}, got {loss!r}")
         if backend not in BACKENDS:
@@ -164,12 +189,14 @@ class LocalSequential(nn.Module):
             raise ValueError(f"model must return logits of shape (N, classes), it returns shape {out_shape}")
         self.num_classes = out_shape[1]
         self.reconstruct_weights = self._reconstruct_weights(model, reconstruct, reconstruct_weights)
+        self.grouped_blocks = group_modules(plan.pieces, G, type(model).__name__) if G > 1 else None
         self.local_modules = nn.ModuleList(self._build_modules(plan, feature_dim, reconstruct))
         if context_gate == "ramp":
             self.register_buffer("context_gate_step", torch.zeros((), dtype=torch.int64))
         device = next(self.parameters()).device
         self._backends: Dict[torch.device, object] = {device: resolve_backend(backend, device)}
         self._graphed = GraphedLocalSteps(self) if cuda_graphs else None
+        self._module_step_hooks: Dict[int, Callable[[LocalModule], None]] = OrderedDict()
 
     # ------------------------------------------------------------------ construction
     def _reconstruct_weights(self, model, reconstruct, weights) -> Optional[Tuple[float, ...]]:
@@ -189,6 +216,12 @@ class LocalSequential(nn.Module):
         widest = max((s[0] for s in out_shapes[:-1]), default=0)
         head_out = self.num_classes if self.loss_name == "ce" else feature_dim
         blocks = _block_names(plan.pieces)
+        head_plans = None
+        if self.aux == "auglocal" and K > 1:
+            layers = auglocal.finest_layers(plan.gm, plan.candidates, plan.shapes, self.input_size)
+            ends = [plan.candidates.index(c) for c in plan.cuts]
+            head_plans = auglocal.plan_heads([lay.out_shape for lay in layers], ends, self.aux_depth,
+                                             self.aux_pyramid)
         modules = []
         for j in range(K):
             context = None
@@ -201,7 +234,15 @@ class LocalSequential(nn.Module):
             head = decoder = None
             if j < K - 1:
                 c = out_shapes[j][0]
-                head = AuxiliaryHead(c, self.aux, head_out, widest=c == widest, feature_dim=feature_dim)
+                if head_plans is not None:
+                    head = auglocal.AugLocalHead(head_plans[j], layers, head_out)
+                elif self.aux == "dgl":
+                    head = DGLHead(c, out_shapes[j][1:], head_out)
+                elif self.width_groups > 1:
+                    head = GroupHeads(c, self.width_groups, head_out, self.aux, widest=c == widest,
+                                      feature_dim=feature_dim)
+                else:
+                    head = AuxiliaryHead(c, self.aux, head_out, widest=c == widest, feature_dim=feature_dim)
                 decoder = ReconstructionDecoder(c, self.input_size[0]) if reconstruct else None
             modules.append(LocalModule(j, plan.pieces[j], context, head, decoder, blocks[j],
                                        tuple(out_shapes[j])))
@@ -223,6 +264,24 @@ class LocalSequential(nn.Module):
         if device not in self._backends:
             self._backends[device] = resolve_backend(self.backend_name, device)
         return self._backends[device]
+
+    # ------------------------------------------------------------------ multi-process hooks
+    def register_module_step_hook(self, hook: Callable[[LocalModule], None]) -> RemovableHandle:
+        """Call ``hook(m)`` after each local module ``m``'s step in a training call, once its
+        local backward has filled ``.grad`` (used by :class:`contsup_fast.distributed.LocalDDP`
+        to start that module's gradient all-reduce). Returns a handle with ``.remove()``."""
+        handle = RemovableHandle(self._module_step_hooks)
+        self._module_step_hooks[handle.id] = hook
+        return handle
+
+    @property
+    def _ddp_params_and_buffers_to_ignore(self):
+        # DistributedDataParallel reads this attribute when it wraps a module: refuse at once,
+        # since every local backward runs inside forward, before DDP's reducer is ready, so the
+        # first step's gradients would not be averaged
+        raise RuntimeError("DistributedDataParallel cannot wrap a LocalSequential (its local "
+                           "backwards run inside forward, so DDP would not average the first "
+                           "step's gradients); use contsup_fast.distributed.LocalDDP(local)")
 
     # ------------------------------------------------------------------ forward
     def _check_inputs(self, x: Tensor, y: Optional[Tensor]) -> None:
@@ -278,7 +337,9 @@ class LocalSequential(nn.Module):
         if m.head is None:
             return F.cross_entropy(out.float(), y)
         feats = m.head(out, backend)
-        if self.loss_name == "ce":
+        if isinstance(m.head, GroupHeads):
+            loss = group_loss(feats, y)
+        elif self.loss_name == "ce":
             loss = F.cross_entropy(feats.float(), y)
         else:
             loss = supervised_contrastive_loss(feats, y)
@@ -343,6 +404,9 @@ class LocalSequential(nn.Module):
         h: Optional[Tensor] = None
         for m in self.local_modules:
             h, a, loss = self.module_step(m, h, inputs, x, y, scaler, train, backend)
+            if train:
+                for hook in self._module_step_hooks.values():
+                    hook(m)
             if loss is not None:
                 losses.append(loss)
             if keep:
@@ -362,14 +426,28 @@ class LocalSequential(nn.Module):
         return ContSupInference(self).eval()
 
     def summary(self) -> str:
-        """A table: each local module's blocks, context terms, head, parameters and output shape."""
-        rows = [("j", "blocks", "context", "head", "params", "out shape")]
+        """A table: each local module's blocks, context terms, head, parameters and output shape;
+        with width groups also the module's multiply-accumulates per example, in all and per
+        group (one worker: the full-width entry block plus its 1/G share of the grouped ones)."""
+        G = self.width_groups
+        rows = [("j", "blocks", "context", "head", "params", "out shape")
+                + (("MACs", f"MACs/group (G={G})") if G > 1 else ())]
+        in_shape = self.input_size
         for m in self.local_modules:
             ctx = m.context.describe() if m.context is not None else ("-" if m.index else "x")
-            head = self.aux + ("+decoder" if m.decoder is not None else "") if m.head is not None else "model classifier"
+            if m.head is None:
+                head = "model classifier"
+            else:
+                head = m.head.describe() if hasattr(m.head, "describe") else self.aux
+                head = (f"{G}x{head}" if G > 1 else head) + ("+decoder" if m.decoder is not None else "")
             params = sum(p.numel() for p in m.parameters())
             blocks = m.blocks[0] if len(m.blocks) == 1 else f"{m.blocks[0]} .. {m.blocks[-1]} ({len(m.blocks)})"
-            rows.append((str(m.index), blocks, ctx, head, f"{params:,}", "x".join(map(str, m.out_shape))))
+            row = (str(m.index), blocks, ctx, head, f"{params:,}", "x".join(map(str, m.out_shape)))
+            if G > 1:
+                full, grouped = body_macs(m.body, in_shape)
+                row += (f"{full + grouped:,}", f"{macs_per_group(full, grouped, G):,}")
+            rows.append(row)
+            in_shape = m.out_shape
         widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
         lines = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
         return "\n".join(lines)
@@ -377,7 +455,10 @@ class LocalSequential(nn.Module):
     def __repr__(self) -> str:
         backends = ", ".join(f"{d}: {b.name}" for d, b in self._backends.items())
         gate = f", context_gate={self.context_gate}" if self.context_gate else ""
-        head = (f"LocalSequential(K={self.K}, context={self.spec.name}{gate}, aux={self.aux}, loss={self.loss_name}, "
+        aux = self.aux + (f", aux_depth={self.aux_depth}, aux_pyramid={self.aux_pyramid}"
+                          if self.aux == "auglocal" else "")
+        aux += f", width_groups={self.width_groups}" if self.width_groups > 1 else ""
+        head = (f"LocalSequential(K={self.K}, context={self.spec.name}{gate}, aux={aux}, loss={self.loss_name}, "
                 f"split={self.split_source}, backend={self.backend_name} [{backends}])")
         return head + "\n" + self.summary()
 

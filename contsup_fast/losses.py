@@ -1,4 +1,5 @@
-"""Local losses: softmax cross-entropy, supervised contrastive, and InfoPro reconstruction."""
+"""Local losses: softmax cross-entropy, supervised contrastive, InfoPro reconstruction, and the
+GN-DGL group loss (cross-entropies of the G group heads plus a diversity term)."""
 from __future__ import annotations
 
 from typing import Sequence
@@ -7,7 +8,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["LOSSES", "supervised_contrastive_loss", "ReconstructionDecoder"]
+__all__ = ["LOSSES", "supervised_contrastive_loss", "ReconstructionDecoder", "group_diversity",
+           "group_loss"]
 
 LOSSES = ("ce", "supcon")
 
@@ -59,6 +61,47 @@ class ReconstructionDecoder(nn.Module):
         """h (N, C, H, W), image01 (N, 3, H_img, W_img) in [0, 1] -> 0-dim BCE loss."""
         up = F.interpolate(h, size=image01.shape[-2:], mode="bilinear", align_corners=True)
         return F.binary_cross_entropy_with_logits(self.net(up).float(), image01.float())
+
+
+def group_diversity(logits: Sequence[Tensor], labels: Tensor, temperature: float = 3.0) -> Tensor:
+    """GN-DGL diversity term over the G group heads (Patel et al., GN-DGL; github.com/adeetyapatel12/GN-DGL).
+
+    For each head g: ``p_g = softmax(z_g / T)``; the true class is set to 0 and ``p_g`` is
+    renormalised to sum 1, then L2-normalised. The term is the dot product ``<p_g, p_h>``
+    averaged over all ordered pairs of different heads (g != h) and over the batch; it is
+    small when the heads disagree on the wrong classes.
+
+    Args:
+        logits: G >= 2 tensors (N, classes).
+        labels: (N,) int64.
+        temperature: T (3 in GN-DGL).
+
+    Returns:
+        0-dim fp32 tensor in [0, 1].
+    """
+    if len(logits) < 2:
+        raise ValueError(f"group_diversity needs at least 2 heads, got {len(logits)}")
+    ps = []
+    for z in logits:
+        p = torch.softmax(z.float() / temperature, dim=1)
+        p = p.scatter(1, labels[:, None], 0.0)
+        p = p / p.sum(1, keepdim=True).clamp_min(1e-12)
+        ps.append(F.normalize(p, dim=1))
+    P = torch.stack(ps)                                # (G, N, classes)
+    G = P.shape[0]
+    gram = torch.einsum("gnc,hnc->ghn", P, P)          # (G, G, N)
+    off = gram.sum((0, 1)) - torch.diagonal(gram, dim1=0, dim2=1).sum(-1)
+    return off.mean() / (G * (G - 1))
+
+
+def group_loss(logits: Sequence[Tensor], labels: Tensor, diversity_weight: float = 0.5,
+               temperature: float = 3.0) -> Tensor:
+    """GN-DGL local loss: ``sum_g CE(z_g, y) + diversity_weight * group_diversity(z, y, T)``
+    (0.5 and T=3 in GN-DGL). A single head gives its cross-entropy alone."""
+    ce = sum(F.cross_entropy(z.float(), labels) for z in logits)
+    if len(logits) < 2:
+        return ce
+    return ce + diversity_weight * group_diversity(logits, labels, temperature)
 
 
 def denormalize(x: Tensor, mean: Sequence[float], std: Sequence[float]) -> Tensor:

@@ -43,7 +43,8 @@ from torch import Tensor, nn
 from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile
 
-__all__ = ["SavedTensorMeter", "AllocationPeak", "StepMemory", "measure_step", "memory_table", "main"]
+__all__ = ["SavedTensorMeter", "AllocationPeak", "StepMemory", "measure_step", "memory_table",
+           "METHODS", "method_table", "main"]
 
 
 class _Handle:
@@ -263,8 +264,64 @@ def memory_table(models: List[str], Ks: List[int], contexts: List[str], batch: i
     return rows
 
 
+#: local-learning methods of ``--methods``: LocalSequential keyword arguments beside ContSup's R1E.
+METHODS = {
+    "ContSup R1E, 1c2f": dict(context="R1E"),
+    "greedy R0, 1c2f": dict(context="R0"),
+    "DGL mlp-sr": dict(context="R0", aux="dgl"),
+    "AugLocal d=2": dict(context="R0", aux="auglocal", aux_depth=2),
+    "AugLocal d=3": dict(context="R0", aux="auglocal", aux_depth=3),
+    "AugLocal d=5": dict(context="R0", aux="auglocal", aux_depth=5),
+    "GN-DGL G=4": dict(context="R0", width_groups=4),
+}
+
+
+def method_table(models: List[str], K: int, batch: int, device: str, backend: str = "torch",
+                 seed: int = 0) -> List[dict]:
+    """Saved-activation and true allocation peak of one training step for each of
+    :data:`METHODS` at ``K``, with their ratios to E2E and to ContSup R1E (same model, batch
+    and backend)."""
+    import warnings
+
+    from .local import LocalSequential
+    from .models import build_model
+
+    rows = []
+    for name in models:
+        gen = torch.Generator().manual_seed(seed)
+        x = torch.randn(batch, 3, 32, 32, generator=gen).to(device)
+        y = torch.randint(0, 10, (batch,), generator=gen).to(device)
+        peaks = {}
+        for label, kwargs in [("E2E", dict(K=1, context="R0"))] + [(k, dict(K=K, **v)) for k, v in METHODS.items()]:
+            torch.manual_seed(seed)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # GN-DGL at one block per module: nothing grouped
+                local = LocalSequential(build_model(name), backend=backend, **kwargs).to(device)
+            step = measure_step(local, x, y)
+            peaks[label] = step
+            ref = peaks.get("ContSup R1E, 1c2f", step)
+            rows.append({"model": name, "K": kwargs["K"], "method": label, "batch": batch,
+                         "backend": local.backend_for(x.device).name,
+                         "saved_peak_MiB": step.saved_peak / 2**20,
+                         "vs_e2e": step.saved_peak / peaks["E2E"].saved_peak,
+                         "vs_contsup": step.saved_peak / ref.saved_peak,
+                         "true_peak_MiB": step.true_peak / 2**20, "true_source": step.true_source,
+                         "true_vs_e2e": step.true_peak / peaks["E2E"].true_peak,
+                         "true_vs_contsup": step.true_peak / ref.true_peak})
+            del local
+    return rows
+
+
 def format_table(rows: List[dict]) -> str:
-    """Rows of :func:`memory_table` as an aligned text table."""
+    """Rows of :func:`memory_table` (or :func:`method_table`) as an aligned text table."""
+    if rows and "method" in rows[0]:
+        lines = [["model", "K", "method", "backend", "saved MiB", "vs E2E", "true MiB", "vs E2E",
+                  "true vs ContSup R1E"]]
+        lines += [[r["model"], str(r["K"]), r["method"], r["backend"], f"{r['saved_peak_MiB']:.1f}",
+                   f"{r['vs_e2e']:.1%}", f"{r['true_peak_MiB']:.1f}", f"{r['true_vs_e2e']:.1%}",
+                   f"{r['true_vs_contsup']:.2f}x"] for r in rows]
+        widths = [max(len(line[i]) for line in lines) for i in range(len(lines[0]))]
+        return "\n".join("  ".join(c.rjust(w) for c, w in zip(line, widths)) for line in lines)
     head = ["model", "K", "context", "backend", "saved MiB", "vs E2E", "true MiB", "vs E2E"]
     lines = [head]
     for r in rows:
@@ -291,10 +348,15 @@ def main(argv: Optional[List[str]] = None) -> List[dict]:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--warmup", type=int, default=1, help="unmeasured steps before the measured one")
     p.add_argument("--json", default=None, help="write the rows, versions and settings here")
+    p.add_argument("--methods", action="store_true",
+                   help="instead: each local-learning method (ContSup, DGL, AugLocal, GN-DGL) at the last --K")
     args = p.parse_args(argv)
     try:
-        rows = memory_table(args.models, args.K, args.contexts, args.batch, args.device, args.backend,
-                            warmup=args.warmup)
+        if args.methods:
+            rows = method_table(args.models, args.K[-1], args.batch, args.device, args.backend)
+        else:
+            rows = memory_table(args.models, args.K, args.contexts, args.batch, args.device,
+                                args.backend, warmup=args.warmup)
     except (ValueError, RuntimeError) as exc:  # bad model/K/context/backend: one line, no traceback
         p.exit(2, f"error: {exc}\n")
     print(format_table(rows))

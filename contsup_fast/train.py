@@ -42,14 +42,15 @@ from .checkpoint import (CHECKPOINT_NAME, atomic_write_json, get_rng_state, load
 
 __all__ = ["build_parser", "main", "run", "RESULT_ARGS"]
 
-AUX_CHOICES = ("0c1f", "0c2f", "1c1f", "1c2f", "1c3f", "2c2f")
+AUX_CHOICES = ("0c1f", "0c2f", "1c1f", "1c2f", "1c3f", "2c2f", "auglocal", "dgl")
 CIFAR_RESNETS = ("resnet20", "resnet32", "resnet44", "resnet56", "resnet110")
 
 #: arguments that change the trained parameters: on --resume they come from the checkpoint,
 #: and giving a different value is refused
 RESULT_ARGS = ("model", "K", "context", "n", "aux", "loss", "reconstruct", "split", "dataset",
                "epochs", "batch_size", "lr", "momentum", "wd", "warmup_epochs", "seed", "subset",
-               "amp", "context_gate", "context_gate_epochs", "context_gate_init", "warmup_start")
+               "amp", "context_gate", "context_gate_epochs", "context_gate_init", "warmup_start",
+               "aux_depth", "aux_pyramid", "width_groups")
 
 
 def _positive_int(s: str) -> int:
@@ -70,6 +71,18 @@ def _nonneg_float(s: str) -> float:
     v = float(s)
     if not v >= 0:
         raise argparse.ArgumentTypeError(f"must be a number >= 0, got {s}")
+    return v
+
+
+def _pyramid_arg(s: str) -> Optional[float]:
+    if s.strip().lower() == "none":
+        return None
+    try:
+        v = float(s)
+    except ValueError:
+        v = float("nan")
+    if not 0.0 <= v <= 1.0:
+        raise argparse.ArgumentTypeError(f"must be a number in [0, 1] or none, got {s}")
     return v
 
 
@@ -113,7 +126,15 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--n", type=_positive_int, default=None,
                    help="residual context depth for Rn/RnE (default 1)")
     g.add_argument("--aux", default="1c2f", choices=AUX_CHOICES,
-                   help="auxiliary head: <convs>c<fc layers>f")
+                   help="auxiliary head: <convs>c<fc layers>f, auglocal (AugLocal: copies of later "
+                        "layers) or dgl (DGL mlp-sr)")
+    g.add_argument("--aux-depth", type=_positive_int, default=2,
+                   help="AugLocal head depth d (layers copied into each head)")
+    g.add_argument("--aux-pyramid", type=_pyramid_arg, default=0.5,
+                   help="AugLocal pyramid coefficient gamma in [0, 1], or none for depth d everywhere")
+    g.add_argument("--width-groups", type=_positive_int, default=None,
+                   help="GN-DGL width-wise groups G: grouped convolutions inside each local module, "
+                        "G heads per module (evaluation reports the final classifier)")
     g.add_argument("--loss", default="ce", choices=("ce", "supcon"), help="local loss")
     g.add_argument("--reconstruct", action="store_true",
                    help="add the InfoPro-style image-reconstruction local loss")
@@ -182,6 +203,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--stop-after-epochs", type=_positive_int, default=None,
                    help="checkpoint and stop after this many epochs of this invocation (for "
                         "time-limited jobs; continue with --resume)")
+    _add_parallel_args(p)
     return p
 
 
@@ -280,28 +302,33 @@ def _build_model(name: str, num_classes: int) -> torch.nn.Module:
 
 
 class _StopFlag:
-    """First SIGINT: stop at the next step boundary. Second: KeyboardInterrupt at once."""
+    """First SIGINT or any SIGTERM: stop at the next step boundary (after saving). A second
+    SIGINT: KeyboardInterrupt at once. (torchrun answers Ctrl-C by sending SIGTERM to the
+    workers, which must not turn a clean stop into an abort.)"""
 
     def __init__(self):
         self.requested = False
-        self._old = None
+        self._old = {}
 
     def _handler(self, signum, frame):
-        if self.requested:
+        if self.requested and signum == signal.SIGINT:
             raise KeyboardInterrupt
+        if not self.requested:
+            print(f"\n{signal.Signals(signum).name}: finishing the current step and saving a "
+                  "checkpoint (Ctrl-C again to abort without saving)", file=sys.stderr, flush=True)
         self.requested = True
-        print("\ninterrupt: finishing the current step and saving a checkpoint "
-              "(Ctrl-C again to abort without saving)", file=sys.stderr, flush=True)
 
     def __enter__(self):
         import threading
         if threading.current_thread() is threading.main_thread():
-            self._old = signal.signal(signal.SIGINT, self._handler)
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._old[sig] = signal.signal(sig, self._handler)
         return self
 
     def __exit__(self, *exc):
-        if self._old is not None:
-            signal.signal(signal.SIGINT, self._old)
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+        self._old = {}
         return False
 
 
@@ -310,11 +337,464 @@ class _Interrupted(Exception):
 
 
 # --------------------------------------------------------------------------------------------
+# data, and multi-process runs (--parallel data|pipeline under torchrun)
+
+
+def _add_parallel_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("multi-process (launch with torchrun --nproc-per-node N -m contsup_fast.train)")
+    g.add_argument("--parallel", default="none", choices=("none", "data", "pipeline"),
+                   help="data: every process trains the whole model on its share of each batch "
+                        "(gradients averaged after each local module); pipeline: each process "
+                        "trains a contiguous stage of local modules, batches stream through")
+    g.add_argument("--stages", type=_stages_arg, default=None,
+                   help="pipeline: comma list of local modules per stage, one per process "
+                        "(default: balance the splitter's cost)")
+    g.add_argument("--sync-bn", action="store_true",
+                   help="data: BatchNorm statistics over the whole batch of all processes")
+    g.add_argument("--image-size", type=_positive_int, default=224,
+                   help="--dataset imagefolder: training crop and evaluation centre crop (the "
+                        "evaluation resize is 256/224 of it)")
+    g.add_argument("--dist-timeout", type=float, default=300.0,
+                   help="seconds a process waits for the others before failing; a dead or hung "
+                        "rank is named")
+
+
+def _stages_arg(s: str):
+    if s.strip().lower() in ("", "none", "balanced"):
+        return None
+    try:
+        counts = [int(t) for t in s.split(",") if t.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a comma list of module counts, got {s!r}")
+    if not counts or min(counts) < 1:
+        raise argparse.ArgumentTypeError(f"module counts must be >= 1, got {s!r}")
+    return counts
+
+
+#: settings of a multi-process run that change its result (refused on --resume if changed)
+PARALLEL_RESULT_ARGS = ("parallel", "stages", "sync_bn", "image_size")
+
+
+def _env_rank() -> int:
+    try:
+        return int(os.environ.get("RANK", "0"))
+    except ValueError:
+        return 0
+
+
+def _silence_parser_off_rank0(parser: argparse.ArgumentParser) -> None:
+    """Under torchrun every rank parses the same arguments; only rank 0 reports an error."""
+    if _env_rank() > 0:
+        parser.print_usage = lambda file=None: None
+        parser.exit = lambda status=0, message=None: sys.exit(status)
+
+
+def _fail(parser: argparse.ArgumentParser, message: str) -> None:
+    """Exit with status 2 and one line ``contsup-train: error: message`` (no usage text)."""
+    parser.exit(2, f"{parser.prog}: error: {message}\n")
+
+
+def _check_data_dir(args) -> None:
+    """One-line FileNotFoundError for a missing --data-dir or a wrong ImageFolder layout."""
+    if args.dataset == "imagefolder":
+        if not args.data_dir:
+            raise FileNotFoundError(f"--dataset imagefolder needs --data-dir DIR holding "
+                                    f"{D.IMAGEFOLDER_LAYOUT}")
+        D.check_imagefolder(args.data_dir)
+        return
+    if args.data_dir and not os.path.isdir(os.path.expanduser(args.data_dir)):
+        raise FileNotFoundError(f"--data-dir {args.data_dir!r} does not exist")
+    D.find_data_dir(args.dataset, args.data_dir)
+
+
+def _check_parallel_args(parser, args, ckpt) -> None:
+    if not args.dist_timeout > 0:
+        _fail(parser, f"--dist-timeout must be > 0 seconds, got {args.dist_timeout}")
+    if args.parallel != "pipeline" and args.stages is not None:
+        _fail(parser, "--stages is for --parallel pipeline")
+    if args.parallel != "data" and args.sync_bn:
+        _fail(parser, "--sync-bn is for --parallel data")
+    if ckpt is None:
+        return
+    world = int(os.environ.get("WORLD_SIZE", "1")) if args.parallel != "none" else 1
+    saved_mode, saved_world = ckpt.get("parallel", "none"), int(ckpt.get("world_size", 1))
+    if (saved_mode, saved_world) != (args.parallel, world):
+        _fail(parser, f"--resume: the checkpoint was written by --parallel {saved_mode} on "
+                     f"{saved_world} process(es); this run is --parallel {args.parallel} on {world}. "
+                     f"Resume it with the same launch (torchrun --nproc-per-node {saved_world} ... "
+                     f"--parallel {saved_mode})" if saved_mode != "none" else
+                     f"--resume: the checkpoint was written by a single-process run; resume it "
+                     f"without --parallel and without torchrun")
+    for k in PARALLEL_RESULT_ARGS:
+        if ckpt["args"].get(k, getattr(args, k)) != getattr(args, k):
+            _fail(parser, f"--resume: --{k.replace('_', '-')}: checkpoint has "
+                         f"{ckpt['args'].get(k)!r}, command line {getattr(args, k)!r}")
+
+
+class _Data:
+    """The loaders and facts about the data that the training loop needs."""
+
+    def __init__(self, **kw):
+        self.__dict__.update(kw)
+
+
+def _load_data(parser, args, par: "_Parallel") -> _Data:
+    """Train and test loaders: the in-memory tensor loaders (CIFAR and torchvision datasets)
+    or the ImageFolder loaders; data parallel shards the ImageFolder ones per rank."""
+    device = par.device
+    if args.dataset == "imagefolder":
+        if args.subset is not None:
+            parser.error("--subset is not supported with --dataset imagefolder")
+        shard = args.parallel == "data"
+        try:
+            loader, test_loader, classes = D.imagefolder_loaders(
+                args.data_dir, args.batch_size, max(args.batch_size, 256), device, seed=args.seed,
+                rank=par.rank if shard else 0, world_size=par.world if shard else 1,
+                num_workers=args.num_workers, channels_last=args.channels_last,
+                size=args.image_size)
+        except (FileNotFoundError, ValueError) as exc:
+            _fail(parser, str(exc))
+        n_train = len(loader.dataset)
+        base = test_loader.dataset
+        n_test = len(base.dataset if isinstance(base, torch.utils.data.Subset) else base)
+        mean, std = D.IMAGENET_STATS
+        return _Data(loader=loader, test_loader=test_loader, num_classes=len(classes),
+                     data_dir=args.data_dir, warnings=[], mean=mean, std=std, n_train=n_train,
+                     n_test=n_test, image_size=(args.image_size, args.image_size))
+    data_dir = D.find_data_dir(args.dataset, args.data_dir)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            x_train, y_train = D.load_dataset(data_dir, args.dataset, train=True)
+            x_test, y_test = D.load_dataset(data_dir, args.dataset, train=False)
+        except (FileNotFoundError, ValueError) as exc:
+            _fail(parser, f"--data-dir {data_dir!r}: {str(exc).splitlines()[0]}")
+    data_warnings = [str(w.message) for w in caught]
+    if par.is_main:
+        for msg in data_warnings:  # once each, without a source line
+            print(f"warning: {msg}", file=sys.stderr, flush=True)
+    n_classes = D.num_classes(args.dataset, y_train)
+    if args.subset is not None:
+        if args.subset > len(y_train):
+            parser.error(f"--subset {args.subset} exceeds the {len(y_train)} training images of "
+                         f"{args.dataset}")
+        idx = D.subset_indices(y_train, args.subset, seed=0)
+        x_train, y_train = x_train[idx], y_train[idx]
+    if len(y_train) < 2:
+        parser.error("need at least 2 training images")
+    mean, std = D.dataset_stats(args.dataset)
+    loader = D.make_train_loader(x_train, y_train, args.batch_size, mean, std, device,
+                                 seed=args.seed, channels_last=args.channels_last,
+                                 num_workers=0 if args.num_workers is None else args.num_workers)
+    test_loader = D.EvalLoader(x_test, y_test, max(args.batch_size, 256), mean, std, device,
+                               channels_last=args.channels_last)
+    return _Data(loader=loader, test_loader=test_loader, num_classes=n_classes, data_dir=data_dir,
+                 warnings=data_warnings, mean=mean, std=std, n_train=len(y_train),
+                 n_test=len(y_test), image_size=tuple(x_train.shape[1:3]))
+
+
+class _Parallel:
+    """How this process takes part in the run: alone (``--parallel none``), as one rank of
+    data-parallel training, or as one pipeline stage. Owns the process group (through
+    :mod:`contsup_fast.distributed`), the batch sharding and the stop vote."""
+
+    def __init__(self, mode: str, device: torch.device, info=None):
+        self.mode, self.device, self.info = mode, device, info
+        self.rank = info.rank if info is not None else 0
+        self.world = info.world_size if info is not None else 1
+        self.is_main = self.rank == 0
+        self.stages: Optional[List[int]] = None
+        self._vote = None
+        if info is not None:
+            from .distributed import StopVote
+            self._vote = StopVote()
+
+    @classmethod
+    def start(cls, args, parser, ckpt) -> "_Parallel":
+        if args.parallel == "none":
+            device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+            if device.type == "cuda" and not torch.cuda.is_available():
+                parser.error(f"--device {args.device}: CUDA is not available")
+            return cls("none", device)
+        from .distributed import init_distributed
+        if args.device and torch.device(args.device).type == "cuda" and not torch.cuda.is_available():
+            parser.error(f"--device {args.device}: CUDA is not available")
+        try:
+            info = init_distributed(timeout_s=args.dist_timeout, device=args.device)
+        except (RuntimeError, ValueError) as exc:
+            _fail(parser, str(exc))
+        small = args.batch_size < 2 * info.world_size
+        if args.parallel == "data" and args.dataset != "imagefolder" and small:
+            parser.error(f"--batch-size {args.batch_size}: data parallel on {info.world_size} "
+                         f"processes needs at least {2 * info.world_size} images per step")
+        return cls(args.parallel, info.device, info)
+
+    # ---------------------------------------------------------------- process lifetime
+    def quiet(self):
+        """Inside: ranks other than 0 print nothing to stdout."""
+        if self.is_main:
+            return contextlib.nullcontext()
+        return contextlib.redirect_stdout(open(os.devnull, "w"))
+
+    def close(self, clean: bool) -> None:
+        if self.info is None:
+            return
+        from .distributed import shutdown_distributed
+        if clean:
+            self.barrier()
+            if self.info.watchdog is not None:
+                self.info.watchdog.close()
+            self.barrier()  # every watchdog stopped before the store's host leaves
+        shutdown_distributed(clean)
+
+    def barrier(self) -> None:
+        if self.info is None:
+            return
+        import torch.distributed as dist
+        from .distributed import comm_failure
+        try:
+            dist.barrier(group=self.info.control_group)
+        except Exception as exc:
+            raise comm_failure(exc, "a barrier") from exc
+
+    def all_sum(self, values: Sequence[float]) -> List[float]:
+        """Element-wise sum over the ranks (one small gloo all-reduce)."""
+        if self.info is None:
+            return list(values)
+        import torch.distributed as dist
+        from .distributed import comm_failure
+        t = torch.tensor(list(values), dtype=torch.float64)
+        try:
+            dist.all_reduce(t, group=self.info.control_group)
+        except Exception as exc:
+            raise comm_failure(exc, "a metrics all-reduce") from exc
+        return t.tolist()
+
+    def should_stop(self, requested: bool) -> bool:
+        """All ranks stop at the same step when any rank was asked to (one step later)."""
+        return requested if self._vote is None else self._vote.poll(requested)
+
+    def finish_votes(self) -> None:
+        if self._vote is not None:
+            self._vote.finish()
+
+    # ---------------------------------------------------------------- batches
+    def steps_per_epoch(self, loader, batch_size: int, n_train: int) -> int:
+        n = len(loader)
+        if self.mode == "data" and not getattr(loader, "sharded", False) and n > 0:
+            last = n_train - (n - 1) * batch_size
+            if last < 2 * self.world:  # a rank would get fewer than 2 images
+                n -= 1
+        return n
+
+    def batches(self, loader, start: int, steps: int):
+        """``(x, y, images in the global batch)`` for steps ``start..steps-1``: this rank's
+        share in data-parallel mode, nothing on pipeline stages other than the first."""
+        if self.mode == "pipeline" and self.rank != 0:
+            for _ in range(start, steps):
+                yield None, None, 0
+            return
+        sharded = getattr(loader, "sharded", False)
+        for _, (x, y) in zip(range(start, steps), loader.iter_from(start)):
+            n = len(y) * (self.world if sharded else 1)
+            if self.mode == "data" and not sharded:
+                x, y = x[self.rank::self.world], y[self.rank::self.world]
+            yield x, y, n
+
+    def trainer(self, local, args, opt_factory, sched_factory, autocast):
+        if self.mode == "pipeline":
+            return _PipelineTrainer(local, args, self, opt_factory, sched_factory, autocast)
+        return _LocalTrainer(local, args, self, opt_factory, sched_factory, autocast)
+
+    def describe(self) -> Dict[str, Any]:
+        return {"parallel": self.mode, "world_size": self.world, "stages": self.stages}
+
+    def label(self) -> str:
+        if self.mode == "none":
+            return ""
+        extra = f", stages {self.stages}" if self.stages else ""
+        return f", {self.mode} parallel on {self.world} processes{extra}"
+
+
+class _LocalTrainer:
+    """One optimizer over the whole model: single process, or data parallel (LocalDDP)."""
+
+    def __init__(self, local, args, par: _Parallel, opt_factory, sched_factory, autocast):
+        self.local, self.par, self.autocast = local, par, autocast
+        self.model = local
+        if par.mode == "data":
+            from .distributed import LocalDDP
+            self.model = LocalDDP(local, sync_bn=args.sync_bn)
+        self.opt = opt_factory(local.parameters())
+        self.sched = sched_factory(self.opt)
+        self.scaler = torch.amp.GradScaler(par.device.type) if args.amp == "fp16" else None
+
+    def train(self) -> None:
+        self.model.train()
+
+    def step(self, x, y):
+        self.opt.zero_grad(set_to_none=True)
+        with self.autocast():
+            out = self.model(x, y, scaler=self.scaler)
+        if self.scaler is not None:
+            self.scaler.step(self.opt)
+            self.scaler.update()
+        else:
+            self.opt.step()
+        self.sched.step()
+        return out
+
+    def end_epoch(self) -> None:
+        pass
+
+    def reset_metrics(self) -> None:
+        pass
+
+    def loss_sums(self, acc):
+        """(sum of last-module losses, per-module sums) over this epoch's steps, averaged
+        over the ranks."""
+        values = [float(acc["loss"])] + acc["local"].float().cpu().tolist()
+        if self.par.world > 1:
+            values = [v / self.par.world for v in self.par.all_sum(values)]
+        return values[0], values[1:]
+
+    def lr(self) -> float:
+        return self.sched.get_last_lr()[0]
+
+    def evaluate(self, test_loader):
+        self.model.eval()
+        par = self.par
+        correct = torch.zeros((), dtype=torch.int64, device=par.device)
+        seen = 0
+        shard = par.mode == "data" and not getattr(test_loader, "sharded", False)
+        with torch.no_grad(), self.autocast():
+            for x, y in test_loader:
+                if shard:
+                    x, y = x[par.rank::par.world], y[par.rank::par.world]
+                if len(y) == 0:
+                    continue
+                logits = self.model(x)
+                correct += (logits.argmax(1) == y).sum()
+                seen += len(y)
+        self.model.train()
+        if par.world > 1:
+            c, n = par.all_sum([float(correct), float(seen)])
+            return int(c), int(n)
+        return int(correct), seen
+
+    def save(self, state, path: str) -> None:
+        state.update(model=self.local.state_dict(), optimizer=self.opt.state_dict(),
+                     scheduler=self.sched.state_dict(),
+                     scaler=self.scaler.state_dict() if self.scaler is not None else None)
+        if self.par.is_main:
+            save_checkpoint(state, path)
+        self.par.barrier()
+
+    def load(self, ckpt, out_dir: str) -> None:
+        self.local.load_state_dict(ckpt["model"])
+        self.opt.load_state_dict(ckpt["optimizer"])
+        self.sched.load_state_dict(ckpt["scheduler"])
+        if self.scaler is not None and ckpt.get("scaler"):
+            self.scaler.load_state_dict(ckpt["scaler"])
+        set_rng_state(ckpt.get("rng"))
+
+
+def _stage_file(out_dir: str, stage: int, stages: int) -> str:
+    return os.path.join(out_dir, f"stage{stage}of{stages}.pt")
+
+
+class _PipelineTrainer:
+    """One stage of a :class:`~contsup_fast.distributed.LocalPipeline` with its own optimizer
+    and LR schedule; checkpoints are one file per stage plus rank 0's run checkpoint."""
+
+    def __init__(self, local, args, par: _Parallel, opt_factory, sched_factory, autocast):
+        from .distributed import LocalPipeline
+        self.par, self.autocast = par, autocast
+        self.pipe = LocalPipeline(local, stages=args.stages, opt_factory=opt_factory,
+                                  sched_factory=sched_factory, device=par.device,
+                                  grad_scaler=args.amp == "fp16")
+        if args.channels_last:
+            for m in self.pipe.modules:
+                m.to(memory_format=torch.channels_last)
+        par.stages = list(self.pipe.counts)
+
+    def train(self) -> None:
+        self.pipe.train()
+
+    def step(self, x, y):
+        with self.autocast():
+            self.pipe.step(x, y)
+        return None
+
+    def end_epoch(self) -> None:
+        if self.pipe.in_flight:
+            self.pipe.flush()
+
+    def reset_metrics(self) -> None:
+        self.pipe.reset_metrics()
+
+    def loss_sums(self, acc):
+        m = self.pipe.reduce_metrics(reset=False)
+        partial = acc["local"].float().cpu().tolist()
+        local = [p + v * m["batches"] for p, v in zip(partial, m["local_losses"])]
+        return float(acc["loss"]) + m["loss"] * m["batches"], local
+
+    def lr(self) -> float:
+        return self.pipe.scheduler.get_last_lr()[0]
+
+    def evaluate(self, test_loader):
+        pipe = self.pipe
+        pipe.eval()
+        pipe.reset_metrics()
+        if pipe.stage == 0:
+            for x, y in test_loader:
+                with self.autocast():
+                    pipe.step(x, y)
+        else:
+            for _ in range(len(test_loader)):
+                with self.autocast():
+                    pipe.step()
+        pipe.flush()
+        m = pipe.reduce_metrics()
+        pipe.train()
+        return m["correct"], m["images"]
+
+    def save(self, state, path: str) -> None:
+        pipe, par = self.pipe, self.par
+        out_dir = os.path.dirname(path)
+        save_id = [state["epoch"], state["batch"]]
+        save_checkpoint({"pipeline": pipe.state_dict(), "rng": get_rng_state(), "save_id": save_id},
+                        _stage_file(out_dir, pipe.stage, pipe.num_stages))
+        par.barrier()
+        if par.is_main:
+            state.update(model=None, optimizer=None, scheduler=None, scaler=None,
+                         stages=list(pipe.counts), save_id=save_id,
+                         stage_files=[os.path.basename(_stage_file(out_dir, s, pipe.num_stages))
+                                      for s in range(pipe.num_stages)])
+            save_checkpoint(state, path)
+        par.barrier()
+
+    def load(self, ckpt, out_dir: str) -> None:
+        pipe = self.pipe
+        if list(ckpt.get("stages") or []) != list(pipe.counts):
+            raise ValueError(f"the checkpoint's stages {ckpt.get('stages')} differ from this "
+                             f"run's {pipe.counts}")
+        path = _stage_file(out_dir, pipe.stage, pipe.num_stages)
+        st = load_checkpoint(path)
+        if st.get("save_id") != ckpt.get("save_id"):
+            raise ValueError(f"{path!r} is from another save ({st.get('save_id')}) than the run "
+                             f"checkpoint ({ckpt.get('save_id')}); the save was interrupted")
+        pipe.load_state_dict(st["pipeline"])
+        set_rng_state(st.get("rng"))
+
+
+# --------------------------------------------------------------------------------------------
 # main
 
 
 def _prepare_args(argv: Optional[Sequence[str]]):
     parser = build_parser()
+    _silence_parser_off_rank0(parser)
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parser.parse_args(argv)
     explicit = _explicit_keys(parser, argv)
@@ -347,23 +827,35 @@ def _prepare_args(argv: Optional[Sequence[str]]):
             ctx = args.context  # reported as an error later
         args.out = os.path.join("runs", f"{args.model}_K{args.K}_{ctx}_{args.seed}")
     try:
-        D.find_data_dir(args.dataset, args.data_dir)
+        _check_data_dir(args)
     except FileNotFoundError as exc:
-        parser.error(str(exc))
+        _fail(parser, str(exc))
+    _check_parallel_args(parser, args, ckpt)
     return parser, args, ckpt
 
 
 def run(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     """Parse ``argv`` and train; returns the final metrics. Raises KeyboardInterrupt after
-    saving a checkpoint when interrupted (:func:`main` turns that into exit status 130)."""
+    saving a checkpoint when interrupted (:func:`main` turns that into exit status 130).
+    Under torchrun with ``--parallel data|pipeline`` every rank runs this; only rank 0 prints."""
     parser, args, ckpt = _prepare_args(argv)
     t_start = time.time()
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if device.type == "cuda" and not torch.cuda.is_available():
-        parser.error(f"--device {args.device}: CUDA is not available")
+    par = _Parallel.start(args, parser, ckpt)
+    try:
+        with par.quiet():
+            result = _train(parser, args, ckpt, par, t_start)
+    except BaseException:
+        par.close(clean=False)
+        raise
+    par.close(clean=True)
+    return result
+
+
+def _train(parser, args, ckpt, par: "_Parallel", t_start: float) -> Dict[str, Any]:
+    device = par.device
     if args.deterministic:
         torch.use_deterministic_algorithms(True, warn_only=True)
         torch.backends.cudnn.benchmark = False
@@ -376,30 +868,14 @@ def run(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
         parser.error(f"--context/--n: {exc}")
 
     # ---- data
-    data_dir = D.find_data_dir(args.dataset, args.data_dir)
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        x_train, y_train = D.load_dataset(data_dir, args.dataset, train=True)
-        x_test, y_test = D.load_dataset(data_dir, args.dataset, train=False)
-    data_warnings = [str(w.message) for w in caught]
-    for msg in data_warnings:  # once each, without a source line
-        print(f"warning: {msg}", file=sys.stderr, flush=True)
-    n_classes = D.num_classes(args.dataset, y_train)
-    if args.subset is not None:
-        if args.subset > len(y_train):
-            parser.error(f"--subset {args.subset} exceeds the {len(y_train)} training images of "
-                         f"{args.dataset}")
-        idx = D.subset_indices(y_train, args.subset, seed=0)
-        x_train, y_train = x_train[idx], y_train[idx]
-    if len(y_train) < 2:
-        parser.error("need at least 2 training images")
-    mean, std = D.dataset_stats(args.dataset)
-    loader = D.make_train_loader(x_train, y_train, args.batch_size, mean, std, device,
-                                 seed=args.seed, channels_last=args.channels_last,
-                                 num_workers=0 if args.num_workers is None else args.num_workers)
-    test_loader = D.EvalLoader(x_test, y_test, max(args.batch_size, 256), mean, std, device,
-                               channels_last=args.channels_last)
-    steps_per_epoch = len(loader)
+    data = _load_data(parser, args, par)
+    loader, test_loader, n_classes = data.loader, data.test_loader, data.num_classes
+    data_dir, data_warnings, mean, std = data.data_dir, data.warnings, data.mean, data.std
+    n_train, n_test = data.n_train, data.n_test
+    steps_per_epoch = par.steps_per_epoch(loader, args.batch_size, n_train)
+    if steps_per_epoch < 1:
+        parser.error(f"--batch-size {args.batch_size}: no training step of at least 2 images per "
+                     f"process fits {n_train} images on {par.world} processes")
     total_steps = steps_per_epoch * args.epochs
 
     # ---- model
@@ -420,27 +896,23 @@ def run(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
                         context_gate_steps=max(1, int(round(gate_epochs * steps_per_epoch)))
                         if gate == "ramp" else None,
                         reconstruct=args.reconstruct, split=args.split, backend=args.backend,
-                        n=args.n, input_size=(3,) + tuple(x_train.shape[1:3]),
+                        aux_depth=args.aux_depth, aux_pyramid=args.aux_pyramid,
+                        width_groups=args.width_groups,
+                        n=args.n, input_size=(3,) + tuple(data.image_size),
                         image_mean=mean, image_std=std)
     try:
         local = _local_class()(model, **local_kwargs)
     except ValueError as exc:
         parser.error(str(exc))
-    local = local.to(device)
-    if args.channels_last:
-        local = local.to(memory_format=torch.channels_last)
+    if args.parallel != "pipeline":
+        local = local.to(device)
+        if args.channels_last:
+            local = local.to(memory_format=torch.channels_last)
     K = len(local)
+    n_params = sum(p.numel() for p in local.parameters())
 
-    named = list(local.named_parameters())
-    gates = [p for k, p in named if k.endswith(".context.gate")]  # learned gates: no decay
-    groups = [{"params": [p for k, p in named if not k.endswith(".context.gate")]}]
-    if gates:
-        groups.append({"params": gates, "weight_decay": 0.0})
-    opt = torch.optim.SGD(groups, lr=args.lr, momentum=args.momentum,
-                          nesterov=args.momentum > 0, weight_decay=args.wd)
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, _lr_lambda(warmup_iters, total_steps, args.warmup_start))
-    scaler = torch.amp.GradScaler(device.type) if args.amp == "fp16" else None
+    # learned context gates get no weight decay (a parameter group of their own)
+    gate_ids = {id(p) for k, p in local.named_parameters() if k.endswith(".context.gate")}
     amp_dtype = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}[args.amp]
 
     def autocast():
@@ -448,40 +920,59 @@ def run(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
             return contextlib.nullcontext()
         return torch.autocast(device.type, dtype=amp_dtype)
 
+    def opt_factory(params):
+        params = list(params)
+        groups = [{"params": [p for p in params if id(p) not in gate_ids]}]
+        gates = [p for p in params if id(p) in gate_ids]
+        if gates:
+            groups.append({"params": gates, "weight_decay": 0.0})
+        return torch.optim.SGD(groups, lr=args.lr, momentum=args.momentum,
+                               nesterov=args.momentum > 0, weight_decay=args.wd)
+
+    def sched_factory(opt):
+        return torch.optim.lr_scheduler.LambdaLR(
+            opt, _lr_lambda(warmup_iters, total_steps, args.warmup_start))
+
+    try:
+        trainer = par.trainer(local, args, opt_factory, sched_factory, autocast)
+    except ValueError as exc:
+        parser.error(f"--parallel {args.parallel}: {exc}")
+
     # ---- state (fresh or resumed)
     start_epoch, start_batch = 0, 0
     history: List[Dict[str, Any]] = []
     best_acc, elapsed_before = None, 0.0
     partial = None
     if ckpt is not None:
-        local.load_state_dict(ckpt["model"])
-        opt.load_state_dict(ckpt["optimizer"])
-        sched.load_state_dict(ckpt["scheduler"])
-        if scaler is not None and ckpt.get("scaler"):
-            scaler.load_state_dict(ckpt["scaler"])
+        try:
+            trainer.load(ckpt, args.out)
+        except (FileNotFoundError, ValueError, RuntimeError) as exc:
+            parser.error(f"--resume: {exc}")
         start_epoch, start_batch = int(ckpt["epoch"]), int(ckpt.get("batch", 0))
         history = list(ckpt.get("history", []))
         best_acc = ckpt.get("best_acc")
         elapsed_before = float(ckpt.get("elapsed_s", 0.0))
         partial = ckpt.get("partial")
-        set_rng_state(ckpt.get("rng"))
         if ckpt.get("steps_per_epoch", steps_per_epoch) != steps_per_epoch:
             parser.error("--resume: the checkpoint's run had a different number of steps per "
                          "epoch (different data?)")
 
-    os.makedirs(args.out, exist_ok=True)
+    if par.is_main:
+        os.makedirs(args.out, exist_ok=True)
+    par.barrier()
     ckpt_path = os.path.join(args.out, CHECKPOINT_NAME)
     log_path = os.path.join(args.out, "log.json")
     arg_dict = {k: v for k, v in vars(args).items()}
     versions = _versions(device)
     run_info = {"device": str(device), "data_dir": os.path.abspath(data_dir),
-                "train_images": int(len(y_train)), "test_images": int(len(y_test)),
+                "train_images": int(n_train), "test_images": int(n_test),
                 "num_classes": n_classes, "K": K, "context": ctx_name,
                 "steps_per_epoch": steps_per_epoch, "warmup_iters": warmup_iters,
-                "parameters": sum(p.numel() for p in local.parameters()),
-                "data_warnings": data_warnings}
+                "parameters": n_params, "data_warnings": data_warnings, **par.describe()}
 
     def write_log(final=None):
+        if not par.is_main:
+            return
         obj = {"args": arg_dict, "versions": versions, "run": run_info, "epochs": history}
         if final is not None:
             obj["final"] = final
@@ -500,45 +991,39 @@ def run(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
             acc["local"] += torch.as_tensor(p["local_sum"], dtype=torch.float32, device=device)
             acc.update(steps=p["steps"], images=p["images"], time=p["time"])
             acc["step_losses"] = [torch.tensor(v, device=device) for v in p.get("step_losses", [])]
+        trainer.reset_metrics()
 
     def checkpoint(mid_epoch: bool):
         state = {
-            "format": 1, "model": local.state_dict(), "optimizer": opt.state_dict(),
-            "scheduler": sched.state_dict(),
-            "scaler": scaler.state_dict() if scaler is not None else None,
-            "epoch": pos["epoch"], "batch": pos["batch"], "steps_per_epoch": steps_per_epoch,
-            "args": arg_dict, "rng": get_rng_state(), "best_acc": best_acc,
-            "history": history, "elapsed_s": elapsed_before + time.time() - t_start,
-            "partial": None,
+            "format": 1, "epoch": pos["epoch"], "batch": pos["batch"],
+            "steps_per_epoch": steps_per_epoch, "args": arg_dict, "rng": get_rng_state(),
+            "best_acc": best_acc, "history": history,
+            "elapsed_s": elapsed_before + time.time() - t_start, "partial": None,
+            "parallel": args.parallel, "world_size": par.world,
         }
         if mid_epoch:
-            state["partial"] = {"loss_sum": float(acc["loss"]),
-                                "local_sum": acc["local"].float().cpu().tolist(),
+            loss_sum, local_sum = trainer.loss_sums(acc)
+            state["partial"] = {"loss_sum": loss_sum, "local_sum": local_sum,
                                 "steps": acc["steps"], "images": acc["images"],
                                 "time": acc["time"],
                                 "step_losses": [float(v) for v in acc["step_losses"]]}
-        save_checkpoint(state, ckpt_path)
+        trainer.save(state, ckpt_path)
 
     def evaluate() -> float:
-        local.eval()
-        correct = torch.zeros((), dtype=torch.int64, device=device)
-        with torch.no_grad(), autocast():
-            for x, y in test_loader:
-                logits = local(x)
-                correct += (logits.argmax(1) == y).sum()
-        local.train()
-        return 100.0 * float(correct) / len(y_test)
+        correct, seen = trainer.evaluate(test_loader)
+        return 100.0 * correct / max(1, seen)
 
     label = (f"{args.model}, K={K}, context={ctx_name}, {args.epochs} epochs"
-             + (f", subset {args.subset}" if args.subset else "") + f", {device.type}")
-    print(f"contsup-train: {label}; {len(y_train)} train / {len(y_test)} test images, "
+             + (f", subset {args.subset}" if args.subset else "") + f", {device.type}"
+             + par.label())
+    print(f"contsup-train: {label}; {n_train} train / {n_test} test images, "
           f"batch {args.batch_size}, lr {args.lr:g}, warm-up {warmup_epochs:g} epochs, "
           f"{steps_per_epoch} steps/epoch, out {args.out}"
           + (f" (resumed at epoch {start_epoch + 1}, step {start_batch})" if ckpt else ""),
           flush=True)
 
     from tqdm import tqdm
-    local.train()
+    trainer.train()
     stop = _StopFlag()
     epochs_this_call = 0
     last = None
@@ -554,41 +1039,38 @@ def run(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
                 if device.type == "cuda":
                     torch.cuda.reset_peak_memory_stats(device)
                 bar = tqdm(total=steps_per_epoch, initial=b0, desc=f"epoch {epoch + 1}/{args.epochs}",
-                           leave=False, dynamic_ncols=True, disable=args.no_progress,
+                           leave=False, dynamic_ncols=True, disable=args.no_progress or not par.is_main,
                            file=sys.stderr, mininterval=0.5)
                 t0 = time.time()
                 seen0 = acc["images"]
-                for i, (x, y) in enumerate(loader.iter_from(b0), start=b0):
-                    opt.zero_grad(set_to_none=True)
-                    with autocast():
-                        out = local(x, y, scaler=scaler)
-                    if scaler is not None:
-                        scaler.step(opt)
-                        scaler.update()
-                    else:
-                        opt.step()
-                    sched.step()
-                    acc["loss"] += out.loss.detach().float()
-                    acc["step_losses"].append(out.loss.detach().float())  # read at epoch end
-                    acc["local"] += out.local_losses.detach().float()
+                for i, (x, y, n_img) in enumerate(par.batches(loader, b0, steps_per_epoch), start=b0):
+                    out = trainer.step(x, y)
+                    if out is not None:
+                        acc["loss"] += out.loss.detach().float()
+                        acc["step_losses"].append(out.loss.detach().float())  # read at epoch end
+                        acc["local"] += out.local_losses.detach().float()
                     acc["steps"] += 1
-                    acc["images"] += len(y)
+                    acc["images"] += n_img
                     pos["batch"] = i + 1
                     bar.update(1)
-                    if (i + 1) % args.log_every == 0:
-                        loss_now = out.loss.item()  # the one host sync per log_every steps
+                    if (i + 1) % args.log_every == 0 and par.is_main:
                         rate = (acc["images"] - seen0) / max(1e-9, time.time() - t0)
-                        bar.set_postfix(loss=f"{loss_now:.3f}", img_s=f"{rate:.0f}",
-                                        refresh=False)
-                    if stop.requested:
+                        if out is not None:
+                            loss_now = out.loss.item()  # the one host sync per log_every steps
+                            bar.set_postfix(loss=f"{loss_now:.3f}", img_s=f"{rate:.0f}", refresh=False)
+                        else:
+                            bar.set_postfix(img_s=f"{rate:.0f}", refresh=False)
+                    if par.should_stop(stop.requested):
                         raise _Interrupted
+                trainer.end_epoch()
                 if device.type == "cuda":
                     torch.cuda.synchronize(device)
                 acc["time"] += time.time() - t0
                 bar.close()
                 steps = max(1, acc["steps"])
-                train_loss = float(acc["loss"]) / steps
-                local_means = (acc["local"] / steps).cpu().tolist()
+                loss_sum, local_sum = trainer.loss_sums(acc)
+                train_loss = loss_sum / steps
+                local_means = [v / steps for v in local_sum]
                 ips = acc["images"] / max(1e-9, acc["time"])
                 do_eval = (epoch + 1) % args.eval_every == 0 or epoch + 1 == args.epochs
                 test_acc = evaluate() if do_eval else None
@@ -600,7 +1082,7 @@ def run(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
                                if acc["step_losses"] else [])
                 last = {"epoch": epoch + 1, "train_loss": train_loss, "local_losses": local_means,
                         "step_losses": step_losses,
-                        "test_acc": test_acc, "lr": sched.get_last_lr()[0],
+                        "test_acc": test_acc, "lr": trainer.lr(),
                         "images_per_s": ips, "train_time_s": acc["time"],
                         "peak_mem_mib": mem, "peak_mem_kind": mem_kind, "elapsed_s": elapsed}
                 history.append(last)
@@ -616,19 +1098,27 @@ def run(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
                 epochs_this_call += 1
                 if (args.stop_after_epochs and epochs_this_call >= args.stop_after_epochs
                         and epoch + 1 < args.epochs):
+                    par.finish_votes()
                     print(f"stopping after {epochs_this_call} epoch(s) as asked; continue with "
                           f"--resume {args.out}", flush=True)
                     return {"stopped": True, "epoch": epoch + 1, "out": args.out,
                             "checkpoint": ckpt_path, "test_acc": test_acc}
-    except (KeyboardInterrupt, _Interrupted):
+            par.finish_votes()
+    except (KeyboardInterrupt, _Interrupted) as exc:
         if bar is not None:
             bar.close()
+        if isinstance(exc, KeyboardInterrupt) and par.world > 1:
+            print(f"\nrank {par.rank}: aborted without saving; the last checkpoint is "
+                  f"{ckpt_path}", file=sys.stderr, flush=True)
+            raise
+        trainer.end_epoch()
         mid = 0 < pos["batch"] and pos["epoch"] < args.epochs
         checkpoint(mid_epoch=mid)
         write_log()
-        print(f"\ninterrupted at epoch {pos['epoch'] + 1}, step {pos['batch']}/{steps_per_epoch}:"
-              f" checkpoint saved to {ckpt_path}; continue with --resume {args.out}",
-              file=sys.stderr, flush=True)
+        if par.is_main:
+            print(f"\ninterrupted at epoch {pos['epoch'] + 1}, step {pos['batch']}/{steps_per_epoch}:"
+                  f" checkpoint saved to {ckpt_path}; continue with --resume {args.out}",
+                  file=sys.stderr, flush=True)
         raise KeyboardInterrupt
 
     if last is None:  # resumed a finished run
@@ -651,11 +1141,15 @@ def run(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
 
 def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     """Console entry point (``contsup-train``): :func:`run`, with exit status 130 on Ctrl-C
-    (after the checkpoint is saved)."""
+    (after the checkpoint is saved), and one line (status 1) when another rank died."""
+    from .distributed import DeadRankError
     try:
         return run(argv)
     except KeyboardInterrupt:
         raise SystemExit(130)
+    except DeadRankError as exc:
+        print(f"contsup-train: error: {exc}", file=sys.stderr, flush=True)
+        raise SystemExit(1)
 
 
 if __name__ == "__main__":

@@ -15,11 +15,11 @@ mutated):
 
 Each op is a ``torch.library.triton_op`` in the ``contsup_triton`` namespace
 (``residual_context``, ``image_context``, ``image_context_tail``, ``bn_relu_gap``,
-``global_avg_pool`` and a ``*_backward`` op each) with autograd registered through ``torch.library.register_autograd``,
-so ``torch.compile`` traces them without graph breaks. Kernels run on CUDA tensors, or on any
-device in Triton's interpreter when ``TRITON_INTERPRET=1`` is set before import (there the ops
-are registered as opaque ``custom_op`` s, since ``wrap_triton`` cannot trace interpreted
-kernels). Importing this package never fails when Triton is missing: :func:`is_available`
+``global_avg_pool`` and a ``*_backward`` op each) with autograd registered through
+``torch.library.register_autograd``, so ``torch.compile`` traces them without graph breaks.
+Kernels run on CUDA tensors, or on any device in Triton's interpreter when
+``TRITON_INTERPRET=1`` is set before import (there the ops are registered as opaque
+``custom_op`` s, since ``wrap_triton`` cannot trace interpreted kernels). Importing this package never fails when Triton is missing: :func:`is_available`
 then returns ``(False, reason)`` and the functions raise ``RuntimeError``.
 """
 import os
@@ -49,7 +49,8 @@ except Exception as _exc:  # triton missing, or a torch without torch.library.tr
     def _unavailable(*args, **kwargs):
         raise RuntimeError(f"contsup_fast.kernels is not available: {_IMPORT_ERROR}")
 
-    residual_context = image_context = image_context_tail = image_context_tail_backward = _unavailable
+    residual_context = image_context = _unavailable
+    image_context_tail = image_context_tail_backward = _unavailable
     bn_relu_gap = global_avg_pool = _unavailable
 
 

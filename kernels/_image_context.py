@@ -19,13 +19,15 @@ x+dx-1]`` (0 outside the image), so ``y_p = W x_p + b``; ``M = N*HB*WB``.
   ``G = sum dz (x_p - center)^T`` (C, K9) (``center = mu`` in training, 0 in eval). The closed
   form (BatchNorm, Ioffe & Szegedy 2015; as in ``_residual.py``) is ``dbeta = D`` and
   train: ``dgamma = rstd*rowsum(W*G)``, ``dW = gamma*rstd*(G - dgamma*rstd*W S)``, ``db = 0``;
-  eval: ``dgamma = rstd*(rowsum(W*G) + (b - mean) D)``, ``dW = gamma*rstd*G``, ``db = gamma*rstd*D``;
+  eval: ``dgamma = rstd*(rowsum(W*G) + (b - mean) D)``, ``dW = gamma*rstd*G``,
+  ``db = gamma*rstd*D``;
 * grad_u (``_ic_grad_input_kernel``): ``grad_u = conv_transpose3x3(dy, W)`` with
   ``dy = k1*dz + k2*(y - b) + k3`` (per-channel ``k``). Persistent programs walk rectangular
   regions of the big image (``RH x RW`` pixels in ``LANES`` lanes); each recomputes ``dy`` on
   its region, writes it to a small per-program scratch (``LANES * C`` values, in L2 on a GPU),
   and forms ``grad_u`` on the region's interior (1-pixel halo) from 9 shifted reads of it.
 """
+import os
 from typing import Dict, Optional, Tuple
 
 import torch
@@ -35,8 +37,8 @@ from torch import Tensor
 
 from ._common import (INTERPRETED, _sm_count, acc_dtype, add_base, bn_fold, check_bn_args,
                       check_tensor, check_vec, chunk_block, chunk_bounds, define_op, dot_config,
-                      launch, mma, pixel_block, pool_factor, pow2, split_pixels, split_plan, strides4,
-                      to_acc, zeros_acc)
+                      launch, mma, pixel_block, pool_factor, pow2, split_pixels, split_plan,
+                      strides4, to_acc, zeros_acc)
 
 
 # ----------------------------------------------------------------------------------------
@@ -99,7 +101,7 @@ def _patch_gram_kernel(
             piv_i = tl.load(piv_ptr + ki, mask=ki < K9, other=0)
             piv_j = tl.load(piv_ptr + kj, mask=kj < K9, other=0)
         acc = zeros_acc(BLOCK_K, BLOCK_K, FP64)
-        s1 = zeros_acc(BLOCK_K, BLOCK_P, FP64)
+        s1 = tl.sum(zeros_acc(BLOCK_K, BLOCK_P, FP64), 1)
         start, end = chunk_bounds(sp, CHUNK, P)
         for p0 in range(start, end, BLOCK_P):
             mp, n, y, x = chunk_block(p0, end, HB * WB, WB, BLOCK_P)
@@ -111,11 +113,11 @@ def _patch_gram_kernel(
                 xi = tl.where(val_i, to_acc(xi, FP64) - piv_i[:, None], 0.0)
                 xj = tl.where(val_j, to_acc(xj, FP64) - piv_j[:, None], 0.0)
             acc = mma(xi, tl.trans(xj), acc, PREC, UPCAST)
-            s1 += to_acc(xi, FP64)
+            s1 += tl.sum(to_acc(xi, FP64), 1)
         tl.store(gram_ptr + sp * K9 * K9 + ki[:, None] * K9 + kj[None, :], acc,
                  mask=(ki < K9)[:, None] & (kj < K9)[None, :])
         if ti == tj:
-            tl.store(sum_ptr + sp * K9 + ki, tl.sum(s1, 1), mask=ki < K9)
+            tl.store(sum_ptr + sp * K9 + ki, s1, mask=ki < K9)
 
 
 @triton.jit
@@ -151,8 +153,8 @@ def _ic_apply_kernel(
 def _ic_grad_sums_kernel(
     g_ptr, gN, gC, gH, gW, C, HO, WO, Q, QCHUNK,
     u_ptr, sN, sC, sH, sW, HB, WB, K9, w_ptr, bn_ptr, center_ptr, SH, SW, gpart_ptr, dpart_ptr,
-    FP64: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_Q: tl.constexpr,
-    PREC: tl.constexpr, UPCAST: tl.constexpr,
+    FP64: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_KC: tl.constexpr,
+    BLOCK_Q: tl.constexpr, PREC: tl.constexpr, UPCAST: tl.constexpr,
 ):
     """Partial ``G[co, k] = sum dz (x_p[k] - center[k])`` (tile (co, k)) and ``D[co] = sum dz``
     over the pooled positions of split ``sp``; ``dz = grad_out[pooled] * [bn(y) > 0]`` (the
@@ -165,7 +167,7 @@ def _ic_grad_sums_kernel(
     shift = tl.load(bn_ptr + C + co, mask=mc, other=0)[:, None]
     center = tl.load(center_ptr + kk, mask=kk < K9, other=0)
     G = zeros_acc(BLOCK_C, BLOCK_K, FP64)
-    D = zeros_acc(BLOCK_C, BLOCK_Q, FP64)
+    D = tl.sum(zeros_acc(BLOCK_C, BLOCK_Q, FP64), 1)
     start, end = chunk_bounds(sp, QCHUNK, Q)
     for q0 in range(start, end, BLOCK_Q):
         mq, n, i, j = chunk_block(q0, end, HO * WO, WO, BLOCK_Q)
@@ -176,9 +178,9 @@ def _ic_grad_sums_kernel(
                 yb = i * SH + a
                 xb = j * SW + b
                 y = _conv_tile(u_ptr, n, yb, xb, mq, sN, sC, sH, sW, HB, WB, K9, w_ptr, co, mc,
-                               zeros_acc(BLOCK_C, BLOCK_Q, FP64), BLOCK_K, PREC, UPCAST)
+                               zeros_acc(BLOCK_C, BLOCK_Q, FP64), BLOCK_KC, PREC, UPCAST)
                 dz = tl.where(y * scale + shift > 0, g, 0.0)
-                D += dz
+                D += tl.sum(dz, 1)
                 off, inside, valid = _patch_offsets(n, yb, xb, mq, kk, K9, sN, sC, sH, sW, HB, WB)
                 xk = tl.load(u_ptr + off, mask=inside, other=0)
                 xc = tl.where(valid, to_acc(xk, FP64) - center[:, None], 0.0).to(xk.dtype)
@@ -186,7 +188,7 @@ def _ic_grad_sums_kernel(
     tl.store(gpart_ptr + sp * C * K9 + co[:, None] * K9 + kk[None, :], G,
              mask=mc[:, None] & (kk < K9)[None, :])
     if tl.program_id(2) == 0:
-        tl.store(dpart_ptr + sp * C + co, tl.sum(D, 1), mask=mc)
+        tl.store(dpart_ptr + sp * C + co, D, mask=mc)
 
 
 @triton.jit
@@ -233,7 +235,8 @@ def _ic_grad_input_kernel(
             y = _conv_tile(u_ptr, nv, yy, xx, inimg, sN, sC, sH, sW, HB, WB, K9, w_ptr, co, mc,
                            zeros_acc(BLOCK_C, LANES, FP64), BLOCK_K, PREC, UPCAST)
             m2 = mc[:, None] & inimg[None, :]
-            g_off = nv[None, :] * gN + co[:, None] * gC + ((yy // SH) * gH + (xx // SW) * gW)[None, :]
+            g_pix = (yy // SH) * gH + (xx // SW) * gW
+            g_off = nv[None, :] * gN + co[:, None] * gC + g_pix[None, :]
             g = to_acc(tl.load(g_ptr + g_off, mask=m2, other=0), FP64)
             dy = k1 * tl.where(y * scale + shift > 0, g, 0.0) + k2 * y + k3
             dy = tl.where(m2, dy, 0.0)
@@ -260,8 +263,17 @@ def _k_block(K9: int, acc: torch.dtype, cap: int = 128) -> int:
     return pow2(K9, 16, 32 if acc == torch.float64 else cap)
 
 
-#: ``num_warps`` of the launches whose register tiles are (64 x 128) or larger on a GPU
+# GPU tiling, chosen so that ptxas (sm_90, Triton 3.8) reports no register spills for
+# bf16, fp16 and fp32 with 8 warps; the interpreter's cost is per program and per op, so
+# there it takes fewer, larger tiles.
 WARPS = 8
+#: K chunk (patch rows) of the implicit-GEMM conv recomputes (9*C_in = 108 pads to 112)
+GPU_CONV_CHUNK = 16
+CONV_CHUNK = 128 if INTERPRETED else GPU_CONV_CHUNK
+#: pooled positions per step of the backward sums (a (C, 128) G tile stays in registers)
+GPU_SUMS_Q = 16
+#: channels per block and lanes per region of the grad_u kernel
+GPU_GRAD_U_C, GPU_GRAD_U_LANES = 16, 256
 
 
 def patch_moments(u: Tensor) -> Tuple[Tensor, Tensor]:
@@ -299,7 +311,7 @@ def _apply(h: Tensor, u: Tensor, w_dot: Tensor, bn: Tensor) -> Tensor:
     K9, Q = 9 * int(u.shape[1]), N * HO * WO
     _, prec, upcast = dot_config(u.dtype)
     acc = acc_dtype(u.dtype)
-    block_c, block_k, block_q = pow2(C, 16, 64), _k_block(K9, acc), pixel_block(Q, 64)
+    block_c, block_k, block_q = pow2(C, 16, 64), _k_block(K9, acc, CONV_CHUNK), pixel_block(Q, 64)
     out = torch.empty_like(h)
     launch(_ic_apply_kernel, (triton.cdiv(Q, block_q), triton.cdiv(C, block_c)),
            h, *strides4(h), out, *strides4(out), u, *strides4(u), HB, WB, K9, w_dot, bn,
@@ -317,7 +329,8 @@ def _grad_sums(grad_out: Tensor, u: Tensor, w_dot: Tensor, bn: Tensor,
     K9, Q = 9 * int(u.shape[1]), N * HO * WO
     acc = acc_dtype(u.dtype)
     _, prec, upcast = dot_config(u.dtype)
-    block_c, block_k, block_q = pow2(C, 16, 64), _k_block(K9, acc), pixel_block(Q, 64)
+    block_c, block_k = pow2(C, 16, 64), _k_block(K9, acc)
+    block_q = pixel_block(Q, 64) if INTERPRETED else GPU_SUMS_Q
     ct, kt = triton.cdiv(C, block_c), triton.cdiv(K9, block_k)
     splits, chunk = split_plan(Q, block_q, ct * kt, u.device)
     gpart = torch.empty((splits, C, K9), dtype=acc, device=u.device)
@@ -325,8 +338,9 @@ def _grad_sums(grad_out: Tensor, u: Tensor, w_dot: Tensor, bn: Tensor,
     sh, sw = HB // HO, WB // WO
     launch(_ic_grad_sums_kernel, (splits, ct, kt), grad_out, *strides4(grad_out), C, HO, WO, Q,
            chunk, u, *strides4(u), HB, WB, K9, w_dot, bn, center, sh, sw, gpart, dpart,
-           FP64=acc == torch.float64, BLOCK_C=block_c, BLOCK_K=block_k, BLOCK_Q=block_q,
-           PREC=prec, UPCAST=upcast, num_warps=WARPS)
+           FP64=acc == torch.float64, BLOCK_C=block_c, BLOCK_K=block_k,
+           BLOCK_KC=_k_block(K9, acc, CONV_CHUNK), BLOCK_Q=block_q, PREC=prec, UPCAST=upcast,
+           num_warps=WARPS)
     inv_win = 1.0 / (sh * sw)
     return gpart.sum(0) * inv_win, dpart.sum(0) * inv_win
 
@@ -352,12 +366,14 @@ def _grad_input(grad_out: Tensor, u: Tensor, w_dot: Tensor, coef: Tensor) -> Ten
     if INTERPRETED:  # cost per program and op: big regions, still several per image
         lanes = pow2(triton.cdiv((HB + 2) * (WB + 2), 2), 16, 1024)
     else:
-        lanes = 256
+        lanes = GPU_GRAD_U_LANES
     rh, rw = region_plan(HB, WB, lanes)
     tiles_w = triton.cdiv(WB, rw - 2)
     per_img = triton.cdiv(HB, rh - 2) * tiles_w
     tiles = N * per_img
-    block_c, block_k = pow2(C, 16, 64), _k_block(K9, acc, cap=32)  # (BLOCK_K, LANES) patch tiles
+    # channel blocks split the conv recompute (no extra FLOPs) and keep the register tiles small
+    block_c = pow2(C, 16, 64 if INTERPRETED else GPU_GRAD_U_C)
+    block_k = _k_block(K9, acc, CONV_CHUNK)
     block_ci = pow2(CI, 16, 32)
     cit = triton.cdiv(CI, block_ci)
     if u.device.type == "cuda" and not INTERPRETED:
@@ -463,7 +479,7 @@ _fwd_op.register_autograd(_backward, setup_context=_setup_context)
 # cost model (FLOPs and bytes, for bench/ and the README)
 # ----------------------------------------------------------------------------------------
 def cost_model(N: int, C: int, CI: int, HB: int, WB: int, HO: int, WO: int, itemsize: int,
-               training: bool = True, lanes: int = 256) -> Dict[str, Dict[str, int]]:
+               training: bool = True, lanes: int = GPU_GRAD_U_LANES) -> Dict[str, Dict[str, int]]:
     """FLOPs and DRAM bytes of one training (or eval) step of this op on a GPU, per pass, and
     of the eager E it replaces (``conv2d -> batch_norm -> relu -> adaptive_avg_pool2d -> add``
     and their backwards, op by op).
@@ -486,14 +502,13 @@ def cost_model(N: int, C: int, CI: int, HB: int, WB: int, HO: int, WO: int, item
     """
     K9, P, Q = 9 * CI, N * HB * WB, N * HO * WO
     e = itemsize
-    block_c = pow2(C, 16, 64)
-    cp = triton.cdiv(C, block_c) * block_c
 
     def padded(n, block):
         return triton.cdiv(n, block) * block
 
-    bk = pow2(K9, 16, 128)
-    conv = 2 * P * cp * padded(K9, bk)  # one implicit-GEMM conv recompute
+    cp = padded(C, pow2(C, 16, 64))
+    conv = 2 * P * cp * padded(K9, pow2(K9, 16, GPU_CONV_CHUNK))  # one implicit-GEMM conv
+    bk = pow2(K9, 16, 128)  # G tile of the backward sums
     bg = pow2(K9, 16, 32)
     kt = triton.cdiv(K9, bg)
     rh, rw = region_plan(HB, WB, lanes)
@@ -502,9 +517,10 @@ def cost_model(N: int, C: int, CI: int, HB: int, WB: int, HO: int, WO: int, item
     cit = triton.cdiv(CI, bci)
     ours = {
         "apply": {"flops": conv, "bytes": e * (P * CI + 2 * Q * C)},
-        "grad_sums": {"flops": conv * triton.cdiv(K9, bk) + conv,
+        "grad_sums": {"flops": conv * triton.cdiv(K9, bk) + 2 * P * cp * padded(K9, bk),
                       "bytes": e * (P * CI + Q * C)},
-        "grad_input": {"flops": cit * 2 * lane_total * cp * (padded(K9, 32) + 9 * bci),
+        "grad_input": {"flops": cit * 2 * lane_total * padded(C, pow2(C, 16, GPU_GRAD_U_C))
+                       * (padded(K9, pow2(K9, 16, GPU_CONV_CHUNK)) + 9 * bci),
                        "bytes": e * (2 * P * CI + Q * C)},
     }
     if training:
@@ -529,6 +545,64 @@ def cost_model(N: int, C: int, CI: int, HB: int, WB: int, HO: int, WO: int, item
     out["eager"] = {k: sum(v[k] for v in eager.values()) for k in ("flops", "bytes")}
     out["recompute_tail"] = today
     return out
+
+
+def compile_report(dtype: str = "bf16", arch: int = 90) -> Dict[str, Dict[str, int]]:
+    """Compile the four kernels for ``sm_<arch>`` with the GPU tiling (C = 64, C_in = 12)
+    without a GPU, through Triton's real backend and its bundled ptxas; returns per kernel
+    ``{"registers", "spill_bytes", "shared"}``. A check that the GPU code builds, for machines
+    with no GPU (the interpreter does not compile). ``dtype``: "bf16", "fp16" or "fp32".
+
+    Raises:
+        RuntimeError: under ``TRITON_INTERPRET=1`` (the kernels are not JIT functions there).
+        ValueError: an unknown ``dtype``.
+    """
+    import inspect
+    import re
+    import subprocess
+    import tempfile
+
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    if INTERPRETED:
+        raise RuntimeError("compile_report needs TRITON_INTERPRET unset (run it in a fresh "
+                           "process)")
+    if dtype not in ("bf16", "fp16", "fp32"):
+        raise ValueError(f"dtype is {dtype!r}; allowed: 'bf16', 'fp16', 'fp32'")
+    prec = "tf32" if dtype == "fp32" else "ieee"
+    common = dict(FP64=False, PREC=prec, UPCAST=False)
+    kernels = [
+        (_patch_gram_kernel, ("u_ptr",), ("piv_ptr", "gram_ptr", "sum_ptr"),
+         dict(SHIFT=dtype == "fp32", BLOCK_K=32, BLOCK_P=32, FP64=False, UPCAST=False,
+              PREC="tf32x3" if dtype == "fp32" else "ieee")),
+        (_ic_apply_kernel, ("h_ptr", "o_ptr", "u_ptr", "w_ptr"), ("bn_ptr",),
+         dict(common, H_FP64=False, BLOCK_C=64, BLOCK_K=GPU_CONV_CHUNK, BLOCK_Q=64)),
+        (_ic_grad_sums_kernel, ("g_ptr", "u_ptr", "w_ptr"),
+         ("bn_ptr", "center_ptr", "gpart_ptr", "dpart_ptr"),
+         dict(common, BLOCK_C=64, BLOCK_K=128, BLOCK_KC=GPU_CONV_CHUNK, BLOCK_Q=GPU_SUMS_Q)),
+        (_ic_grad_input_kernel, ("g_ptr", "u_ptr", "w_ptr", "d_ptr", "scratch_ptr"), ("coef_ptr",),
+         dict(common, BLOCK_C=GPU_GRAD_U_C, BLOCK_K=GPU_CONV_CHUNK, BLOCK_CI=16,
+              LANES=GPU_GRAD_U_LANES)),
+    ]
+    ptxas_dir = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
+    report = {}
+    for kernel, act_ptrs, acc_ptrs, consts in kernels:
+        sig = {}
+        for name in inspect.signature(kernel.fn).parameters:
+            sig[name] = ("constexpr" if name in consts else f"*{dtype}" if name in act_ptrs
+                         else "*fp32" if name in acc_ptrs else "i32")
+        compiled = triton.compile(ASTSource(kernel, sig, constexprs=consts),
+                                  target=GPUTarget("cuda", arch, 32), options={"num_warps": WARPS})
+        with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+            f.write(compiled.asm["cubin"])
+            f.flush()
+            usage = subprocess.run([os.path.join(ptxas_dir, "cuobjdump"), "--dump-resource-usage",
+                                    f.name], capture_output=True, text=True, check=True).stdout
+        regs, stack = re.search(r"REG:(\d+) STACK:(\d+)", usage).groups()
+        report[kernel.fn.__name__] = {"registers": int(regs), "spill_bytes": int(stack),
+                                      "shared": int(compiled.metadata.shared)}
+    return report
 
 
 # ----------------------------------------------------------------------------------------

@@ -37,7 +37,7 @@ def test_smoke_protocol_runs_summarises_and_plots(tiny_cifar, tmp_path):
     assert (out / "accuracy_smoke_loss.png").stat().st_size > 0
     # finished runs are not trained again; --report-only reads them back
     again = A.main(argv + ["--report-only"])
-    assert again["summary"] == json.loads(json.dumps(summary))
+    assert json.dumps(again["summary"], sort_keys=True) == json.dumps(summary, sort_keys=True)
 
 
 def test_unknown_variant_is_refused(tiny_cifar, tmp_path):

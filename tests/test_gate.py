@@ -9,7 +9,6 @@ from torch import nn
 from contsup_fast import LocalSequential
 from contsup_fast.context import BoundaryContext
 from contsup_fast.fused import available_backends, resolve_backend
-from contsup_fast.models import resnet20
 
 torch.set_num_threads(min(4, torch.get_num_threads()))
 
@@ -89,10 +88,12 @@ def test_gate_scales_each_term_on_every_backend(backend, gate):
         torch.testing.assert_close(b, c, msg=k)
 
 
-@pytest.mark.parametrize("backend", available_backends("cpu"))
+@pytest.mark.parametrize("backend", [b for b in available_backends("cpu") if b != "triton"])
 def test_gate_gradcheck_float64(backend):
     """gradcheck in float64 of the gated boundary w.r.t. the gates, a residual encoder's conv
-    weight and E's last BN scale, through each backend's fused ops (eval: no stat updates)."""
+    weight and E's last BN scale, through each backend's fused ops (eval: no stat updates).
+    The Triton ops get the same scaled affine arguments and are checked against the eager
+    formula above; their own gradchecks live in the kernel tests (the interpreter is slow)."""
     be = resolve_backend(backend)
     ctx = _context("learned", theta=[0.6, 0.9, -1.1], dtype=torch.float64).eval()
     h, inputs, x = _data(torch.float64, n=2)
@@ -102,7 +103,7 @@ def test_gate_gradcheck_float64(backend):
     def f(*ps):
         return torch.func.functional_call(ctx, dict(zip(names, ps)), (h, inputs, x, be))
 
-    assert torch.autograd.gradcheck(f, tuple(values), atol=1e-6)
+    assert torch.autograd.gradcheck(f, tuple(values), atol=1e-6, fast_mode=True)
 
 
 def test_ramp_rises_over_the_steps_and_then_is_the_paper_form():
@@ -165,9 +166,9 @@ def test_ramp_step_resumes_exactly():
 @pytest.mark.parametrize("gate", ["ramp", "learned"])
 def test_gated_model_exports(gate):
     torch.manual_seed(0)
-    local = LocalSequential(resnet20(), K=4, context="R1E", backend="torch", context_gate=gate,
-                            context_gate_steps=3)
-    x, y = torch.randn(4, 3, 32, 32), torch.randint(0, 10, (4,))
+    local = LocalSequential(tiny_cnn(), K=3, context="R1E", input_size=(3, 16, 16), backend="torch",
+                            context_gate=gate, context_gate_steps=3)
+    x, y = batch(4)
     local(x, y)  # one step: the ramp is at 1/3, learned gates moved
     local.eval()
     plain = local.to_module()

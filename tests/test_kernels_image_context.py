@@ -9,6 +9,11 @@ are tiny because the interpreter is slow. Helpers (input maker, tolerances) are 
 ``test_kernels_triton.py``.
 """
 import copy
+import json
+import os
+import pathlib
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -67,7 +72,8 @@ def check_case(args, dtype, training, mk):
     idx = (1, 2, 4, 5) + (() if training else (3,))
     grads = assert_grads(out, out_ref, [args[i] for i in idx], [args_ref[i] for i in idx], dtype,
                          names, mk.gen)
-    assert memory_format_ok(grads[0], u)
+    if u.is_contiguous() or u.is_contiguous(memory_format=torch.channels_last):
+        assert memory_format_ok(grads[0], u)  # (a strided view gets a contiguous gradient)
     if training:  # BatchNorm removes the conv bias: its gradient is exactly zero
         go = torch.ones_like(out)
         (gb,) = torch.autograd.grad(out, (b,), go)
@@ -82,7 +88,7 @@ def check_case(args, dtype, training, mk):
     (torch.bfloat16, "channels_last", 1, (6, 6)),
     (torch.float16, "contiguous", 2, (3, 2)),
     (torch.float16, "channels_last", 4, (2, 2)),
-], ids=lambda v: str(v).replace("torch.", "") if not isinstance(v, tuple) else "x".join(map(str, v)))
+], ids=lambda v: "x".join(map(str, v)) if isinstance(v, tuple) else str(v).replace("torch.", ""))
 def test_image_context_train(dtype, layout, s, hw):
     mk = Maker(100 + s)
     check_case(make_case(mk, 2, 5, 3, hw, s, dtype, layout), dtype, True, mk)
@@ -129,6 +135,31 @@ def test_image_context_float64_mixed_layouts_and_no_bias():
     out_ref, _, _ = ref.image_context_ref(*(up(t) for t in args), True)
     assert out.dtype == torch.float32
     assert_close(out, out_ref, torch.bfloat16, "out (fp32 h, bf16 u)")
+
+
+def test_image_context_large_mean_and_strided_view():
+    """fp32 u with mean 100 (the patch covariance must not cancel) given as a strided view
+    (every other channel, a column slice): no copy, the view's strides are used."""
+    mk = Maker(135)
+    h, _, w, b, g, beta, rm, rv = make_case(mk, 2, 4, 3, (4, 4), 1, torch.float32)
+    base = mk.act((2, 6, 4, 6), torch.float32, offset=100.0)
+    u = base[:, ::2, :, 1:5].requires_grad_()
+    assert not u.is_contiguous()
+    check_case((h, u, w, b, g, beta, rm, rv), torch.float32, True, mk)
+
+
+def test_region_plan_covers_the_image():
+    """grad_u regions (interior + 1-pixel halo) fit the lanes and tile every image size,
+    including the GPU plan for 32x32 images (6 regions in 256 lanes: 1.5x the pixels)."""
+    from contsup_fast.kernels._image_context import region_plan
+
+    rh, rw = region_plan(32, 32, 256)
+    assert -(-32 // (rh - 2)) * -(-32 // (rw - 2)) == 6
+    for hb, wb in ((1, 1), (1, 40), (7, 3), (32, 32), (33, 17), (200, 5)):
+        for lanes in (16, 64, 256, 1024):
+            rh, rw = region_plan(hb, wb, lanes)
+            assert rh >= 3 and rw >= 3 and rh * rw <= lanes
+            assert rh - 2 <= max(hb, 1) and rw - 2 <= max(wb, 1)  # no region wider than needed
 
 
 # ------------------------------------------------------------------------------ gradcheck
@@ -199,7 +230,7 @@ def test_no_full_resolution_tensor():
         assert mode.numel < full, f"a tensor of {mode.numel} elements (conv output: {full})"
         small = max(C * 9 * CI, (9 * CI) ** 2)  # weight, patch covariance
         big = [t for t in saved if t.numel() > small]
-        assert [t.data_ptr() for t in big] == [args[1].data_ptr()], "only u may be saved at full size"
+        assert [t.data_ptr() for t in big] == [args[1].data_ptr()], "only u may be saved full-size"
     # the eager reference does materialise it (the check above can see such a tensor)
     with Largest() as mode:
         ref.image_context_ref(*args, True)
@@ -234,7 +265,8 @@ def test_running_stats_match_batchnorm():
     ("u_int", r"u has dtype torch.int64; allowed dtypes: float32, bfloat16, float16, float64"),
     ("u_batch", r"u has batch size 1, h has 2; they must match"),
     ("u_not_multiple", r"u has spatial size \(5, 4\).*integer multiple of h's \(2, 2\)"),
-    ("weight_shape", r"weight must have shape \(3, 4, 3, 3\) \(C of h, C_in of u\), got \(3, 4, 1, 1\)"),
+    ("weight_shape", r"weight must have shape \(3, 4, 3, 3\) \(C of h, C_in of u\), "
+                     r"got \(3, 4, 1, 1\)"),
     ("weight_type", r"weight must be a torch.Tensor, got list"),
     ("bias_shape", r"bias must have shape \(3,\).*got \(4,\)"),
     ("eval_no_running", r"running_mean is None; it is required when training=False"),
@@ -243,7 +275,8 @@ def test_running_stats_match_batchnorm():
 def test_image_context_errors(case, pattern):
     mk = Maker(180)
     h = mk.act((2, 3, 2, 2), torch.float32)
-    a = dict(h=h, u=mk.act((2, 4, 4, 4), torch.float32), weight=conv_weight(mk, 3, 4, torch.float32),
+    a = dict(h=h, u=mk.act((2, 4, 4, 4), torch.float32),
+             weight=conv_weight(mk, 3, 4, torch.float32),
              bias=mk.vec(3, "beta"), bn_weight=mk.vec(3, "gamma"), bn_bias=mk.vec(3, "beta"),
              running_mean=mk.vec(3, "mean"), running_var=mk.vec(3, "var"), training=True)
     over = {
@@ -263,6 +296,29 @@ def test_image_context_errors(case, pattern):
 
 
 # ------------------------------------------------------------------------------ GPU
+@pytest.mark.slow
+def test_gpu_kernels_compile_for_sm90_without_spills():
+    """The GPU code builds (Triton's CUDA backend and bundled ptxas, no GPU needed) and keeps
+    its tiles in registers: no spills in bf16 and fp32 on sm_90."""
+    import triton
+
+    if not os.path.exists(os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia",
+                                       "bin", "ptxas")):
+        pytest.skip("Triton's CUDA backend (bundled ptxas) is not installed")
+    code = ("import json; from contsup_fast.kernels._image_context import compile_report as r; "
+            "print(json.dumps({d: r(d) for d in ('bf16', 'fp32')}))")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    root = pathlib.Path(__file__).resolve().parents[1]
+    res = subprocess.run([sys.executable, "-c", code], env=env, cwd=root, capture_output=True,
+                         text=True, timeout=900)
+    assert res.returncode == 0, res.stderr[-3000:]
+    report = json.loads(res.stdout.splitlines()[-1])
+    assert len(report["bf16"]) == 4
+    for dtype, kernels in report.items():
+        for name, usage in kernels.items():
+            assert usage["spill_bytes"] == 0, f"{name} ({dtype}) spills: {usage}"
+
+
 @pytest.mark.cuda
 @pytest.mark.parametrize("dtype", LOW, ids=str)
 def test_image_context_cuda_realistic(dtype):
