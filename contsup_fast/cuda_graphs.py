@@ -17,6 +17,10 @@ Protocol of ``local(x, y)`` in training mode:
    replays them: that call's results are those of the replay;
 3. every later call copies ``x`` and ``y`` into the static input buffers and replays.
 
+The model's module-step hooks (``LocalSequential.register_module_step_hook``, e.g. LocalDDP's
+per-module gradient all-reduce) run after each module's eager step or graph replay, in module
+order, as on the eager path.
+
 Gradients keep ``loss.backward()``'s semantics: they accumulate into ``.grad``. Before each
 replay, every parameter whose ``.grad`` is None (``zero_grad(set_to_none=True)``) gets its
 static gradient buffer back, zeroed; a ``.grad`` the user replaced is copied into that buffer.
@@ -141,6 +145,7 @@ class GraphedLocalSteps:
         for m in local.local_modules:
             if graphs is None:
                 h, a, loss = local.module_step(m, h, inputs, x, y, None, True, backend)
+                self._after_module(m)
             else:
                 g = self.rt.CUDAGraph()
                 bind_static_grads(self.grad_params[m.index], self.static_grads[m.index])
@@ -155,6 +160,13 @@ class GraphedLocalSteps:
             del a
             logits = h
         return logits, losses
+
+    def _after_module(self, m: nn.Module) -> None:
+        """The wrapped model's module-step hooks (``register_module_step_hook``, e.g. LocalDDP's
+        gradient all-reduce), called after module ``m``'s step as on the eager path; never
+        inside a capture."""
+        for hook in getattr(self.local, "_module_step_hooks", {}).values():
+            hook(m)
 
     def _eager_warmup(self, x: Tensor, y: Tensor, backend):
         """One eager step on a side stream, recording which parameters receive a gradient."""
@@ -222,7 +234,8 @@ class GraphedLocalSteps:
             self.static_y.copy_(y)
         for g, params, static in zip(self.graphs, self.grad_params, self.static_grads):
             bind_static_grads(params, static)
-        for g in self.graphs:
+        for g, m in zip(self.graphs, self.local.local_modules):
             g.replay()
+            self._after_module(m)
         losses = torch.stack(self.static_losses)
         return LocalOutput(logits=self.static_logits.clone(), loss=losses[-1], local_losses=losses)

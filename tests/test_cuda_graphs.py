@@ -161,9 +161,14 @@ def test_graphed_data_flow_matches_eager_under_a_cpu_emulation_of_graphs(monkeyp
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     graphed = _emulated(LocalSequential(_small_cnn(), cuda_graphs=True, **kw))
     graphed.load_state_dict(eager.state_dict())
+    seen = {"eager": [], "graphed": []}
+    for name, local in (("eager", eager), ("graphed", graphed)):
+        local.register_module_step_hook(
+            lambda m, name=name: seen[name].append((m.index, all(p.grad is not None for p in m.body.parameters()))))
     batches = [tuple(t[..., :16, :16].contiguous() if t.dim() == 4 else t for t in _batch(4, s)) for s in range(5)]
     a, b = _train(eager, 5, batches), _train(graphed, 5, batches)   # 2 eager, capture, 2 replays
     assert len(graphed._graphed.graphs) == 4 and graphed._graphed.calls == 5
+    assert seen["graphed"] == seen["eager"] == [(j, True) for _ in range(5) for j in range(4)]
     for oa, ob in zip(a, b):
         torch.testing.assert_close(ob.local_losses, oa.local_losses, rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(ob.logits, oa.logits, rtol=1e-5, atol=1e-6)
