@@ -153,9 +153,10 @@ def _small_cnn():
                                torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(16, 10))
 
 
-@pytest.mark.parametrize("context,aux", [("R2E", "1c2f"), ("R1", "0c1f")])
-def test_graphed_data_flow_matches_eager_under_a_cpu_emulation_of_graphs(monkeypatch, context, aux):
-    kw = dict(K=4, context=context, aux=aux, backend="torch", input_size=(3, 16, 16))
+@pytest.mark.parametrize("context,aux,gate", [("R2E", "1c2f", {}),
+                                              ("R1E", "0c1f", dict(context_gate="ramp", context_gate_steps=4))])
+def test_graphed_data_flow_matches_eager_under_a_cpu_emulation_of_graphs(monkeypatch, context, aux, gate):
+    kw = dict(K=4, context=context, aux=aux, backend="torch", input_size=(3, 16, 16), **gate)
     torch.manual_seed(0)
     eager = LocalSequential(_small_cnn(), **kw)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
@@ -169,6 +170,8 @@ def test_graphed_data_flow_matches_eager_under_a_cpu_emulation_of_graphs(monkeyp
     a, b = _train(eager, 5, batches), _train(graphed, 5, batches)   # 2 eager, capture, 2 replays
     assert len(graphed._graphed.graphs) == 4 and graphed._graphed.calls == 5
     assert seen["graphed"] == seen["eager"] == [(j, True) for _ in range(5) for j in range(4)]
+    if gate:  # the ramp (a buffer the graphs read) advanced once per step on both paths
+        assert int(graphed.context_gate_step) == int(eager.context_gate_step) == 5
     for oa, ob in zip(a, b):
         torch.testing.assert_close(ob.local_losses, oa.local_losses, rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(ob.logits, oa.logits, rtol=1e-5, atol=1e-6)
