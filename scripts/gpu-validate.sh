@@ -83,6 +83,8 @@ case "$EPOCHS" in ''|*[!0-9]*|0) echo "gpu-validate.sh: --epochs must be a posit
 [ -n "$OUTDIR" ] || OUTDIR=$ROOT/gpuval-out
 PY=${PYTHON:-python3}
 export PYTHONUNBUFFERED=1
+# dry run: several processes share a small CPU; one intra-op thread each avoids their contention
+[ $DRY = 1 ] && export OMP_NUM_THREADS=1
 export PYTHONPATH=$ROOT${PYTHONPATH:+:$PYTHONPATH}
 WORK=$(mktemp -d "${TMPDIR:-/tmp}/gpuval.XXXXXX")
 RES=$WORK/gpuval

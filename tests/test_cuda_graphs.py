@@ -153,9 +153,18 @@ def _small_cnn():
                                torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(16, 10))
 
 
+@pytest.fixture
+def one_thread():
+    """Tiny models: one intra-op thread is faster than two contending ones (and cheaper in CI)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.mark.parametrize("context,aux,gate", [("R2E", "1c2f", {}),
                                               ("R1E", "0c1f", dict(context_gate="ramp", context_gate_steps=4))])
-def test_graphed_data_flow_matches_eager_under_a_cpu_emulation_of_graphs(monkeypatch, context, aux, gate):
+def test_graphed_data_flow_matches_eager_under_a_cpu_emulation_of_graphs(monkeypatch, one_thread, context, aux, gate):
     kw = dict(K=4, context=context, aux=aux, backend="torch", input_size=(3, 16, 16), **gate)
     torch.manual_seed(0)
     eager = LocalSequential(_small_cnn(), **kw)
