@@ -35,7 +35,7 @@
 #     2. bash scripts/gpuval-prepare.sh /work/.mirror/Tab-ct+ContSup/repo
 #        (copies ../shared/data/cifar10 and the reference's networks_dev/ into the git-ignored
 #        .gpuval/, and checks that tree + .gpuval stay under the 64 MiB the tool carries)
-#     3. bash scripts/gpu-validate.sh --dry-run   (optional: the plumbing on CPU, 1-4 minutes here)
+#     3. bash scripts/gpu-validate.sh --dry-run   (optional: the plumbing on CPU, about a minute)
 #   Then one device `run`:
 #     command:   bash scripts/gpu-validate.sh
 #     carry:     [".gpuval"]

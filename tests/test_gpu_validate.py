@@ -124,13 +124,20 @@ REF = ROOT / ".gpuval" / "ContSup"
 @pytest.mark.skipif(not (REF / "networks_dev" / "resnet.py").exists(),
                     reason="reference ContSup not fetched (scripts/gpuval-prepare.sh)")
 def test_reference_adapter_runs_on_cpu_and_compares(tmp_path):
+    import torch
+
     from bench import reference_contsup
     ours = tmp_path / "train_step_cpu.json"
     ours.write_text(json.dumps({"rows": [{"method": "LocalSequential", "model": "resnet32", "K": 16, "context": "R0",
                                           "backend": "torch", "img_s": 10.0, "mem_MiB": None}]}))
-    rows = reference_contsup.main(["--ref-dir", str(REF), "--models", "resnet32", "--contexts", "R0", "--batch", "2",
-                                   "--steps", "1", "--warmup", "0", "--device", "cpu", "--compare", str(ours),
-                                   "--out", str(tmp_path)])
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny batch: one thread beats two contending ones
+    try:
+        rows = reference_contsup.main(["--ref-dir", str(REF), "--models", "resnet32", "--contexts", "R0", "--batch",
+                                       "2", "--steps", "1", "--warmup", "0", "--device", "cpu", "--compare", str(ours),
+                                       "--out", str(tmp_path)])
+    finally:
+        torch.set_num_threads(before)
     assert len(rows) == 1 and rows[0]["img_s"] > 0
     data = json.loads((tmp_path / "reference_contsup_cpu.json").read_text())
     assert data["vs_ours"][0]["speed_vs_ref"] == pytest.approx(10.0 / rows[0]["img_s"])
