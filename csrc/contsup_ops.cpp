@@ -117,7 +117,7 @@ Tensor vec_to_tensor(const std::vector<acc_t>& v, at::IntArrayRef shape,
 
 // ---- small dense products of the residual-context passes --------------------------
 // C (m x n) += op(A) * B with row-major contiguous buffers: op(A) = A stored (m x k) or,
-// when TA, the transpose of A stored (k x m). Register-blocked (4 x 8) loops; the fp32
+// when TA, the transpose of A stored (k x m). Register-blocked loops; the fp32
 // version is compiled twice and picks AVX2+FMA at run time when the CPU has it. (BLAS
 // is deliberately not used: these products are small and run inside at::parallel_for,
 // where a threaded BLAS oversubscribes the cores.)
@@ -127,9 +127,10 @@ Tensor vec_to_tensor(const std::vector<acc_t>& v, at::IntArrayRef shape,
 #define CONTSUP_ALWAYS_INLINE inline
 #endif
 
-template <typename T, bool TA>
+// MR x NR register tile; the AVX2 build uses 6 x 16 (12 ymm accumulators), the generic
+// one 4 x 8. Columns past the last full NR block use the same tile with a runtime width.
+template <typename T, bool TA, int MR, int NR>
 CONTSUP_ALWAYS_INLINE void gemm_body(const T* A, const T* B, int64_t m, int64_t k, int64_t n, T* C) {
-  constexpr int MR = 4, NR = 8;
   auto a_at = [&](int64_t i, int64_t l) { return TA ? A[l * m + i] : A[i * k + l]; };
   int64_t i = 0;
   for (; i + MR <= m; i += MR) {
@@ -146,12 +147,18 @@ CONTSUP_ALWAYS_INLINE void gemm_body(const T* A, const T* B, int64_t m, int64_t 
       for (int r = 0; r < MR; ++r)
         for (int q = 0; q < NR; ++q) C[(i + r) * n + j + q] += acc[r][q];
     }
-    for (; j < n; ++j) {
-      for (int r = 0; r < MR; ++r) {
-        T sum = T(0);
-        for (int64_t l = 0; l < k; ++l) sum += a_at(i + r, l) * B[l * n + j];
-        C[(i + r) * n + j] += sum;
+    if (j < n) {
+      const int64_t nr = n - j;
+      T acc[MR][NR] = {};
+      for (int64_t l = 0; l < k; ++l) {
+        const T* b = B + l * n + j;
+        for (int r = 0; r < MR; ++r) {
+          const T ar = a_at(i + r, l);
+          for (int64_t q = 0; q < nr; ++q) acc[r][q] += ar * b[q];
+        }
       }
+      for (int r = 0; r < MR; ++r)
+        for (int64_t q = 0; q < nr; ++q) C[(i + r) * n + j + q] += acc[r][q];
     }
   }
   for (; i < m; ++i) {
@@ -166,15 +173,15 @@ CONTSUP_ALWAYS_INLINE void gemm_body(const T* A, const T* B, int64_t m, int64_t 
 
 template <typename T>
 void gemm_generic(const T* A, bool ta, const T* B, int64_t m, int64_t k, int64_t n, T* C) {
-  if (ta) gemm_body<T, true>(A, B, m, k, n, C);
-  else gemm_body<T, false>(A, B, m, k, n, C);
+  if (ta) gemm_body<T, true, 4, 8>(A, B, m, k, n, C);
+  else gemm_body<T, false, 4, 8>(A, B, m, k, n, C);
 }
 
 #if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__))
 __attribute__((target("avx2,fma"))) void gemm_f32_avx2(const float* A, bool ta, const float* B, int64_t m,
                                                         int64_t k, int64_t n, float* C) {
-  if (ta) gemm_body<float, true>(A, B, m, k, n, C);
-  else gemm_body<float, false>(A, B, m, k, n, C);
+  if (ta) gemm_body<float, true, 4, 8>(A, B, m, k, n, C);
+  else gemm_body<float, false, 4, 8>(A, B, m, k, n, C);
 }
 inline bool cpu_has_avx2_fma() {
   static const bool ok = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
@@ -190,6 +197,18 @@ inline void gemm_acc(const float* A, bool ta, const float* B, int64_t m, int64_t
 }
 inline void gemm_acc(const double* A, bool ta, const double* B, int64_t m, int64_t k, int64_t n, double* C) {
   gemm_generic<double>(A, ta, B, m, k, n, C);
+}
+
+// C (m x n) += op(A) B like gemm_acc, through ATen's CPU matmul (MKL / oneDNN sgemm; it runs
+// single-threaded inside at::parallel_for). Used for the image-context products, whose
+// sizes (pixels of a row x 9*C_in x C) are large enough to amortise the call.
+template <typename T>
+void gemm_blas(const T* A, bool ta, const T* B, int64_t m, int64_t k, int64_t n, T* C) {
+  const auto opts = at::TensorOptions().dtype(c10::CppTypeToScalarType<T>::value);
+  const Tensor a = ta ? at::from_blob(const_cast<T*>(A), {k, m}, opts).t() : at::from_blob(const_cast<T*>(A), {m, k}, opts);
+  const Tensor b = at::from_blob(const_cast<T*>(B), {k, n}, opts);
+  Tensor c = at::from_blob(C, {m, n}, opts);
+  at::addmm_out(c, c, a, b);
 }
 
 // grain (rows per task) so that a task has roughly >= 32k element operations
@@ -481,7 +500,7 @@ template <typename acc_t>
 inline void conv_row(const acc_t* X, const acc_t* Wt, const acc_t* b, int64_t W, int64_t K, int64_t C,
                      acc_t* Z) {
   for (int64_t p = 0; p < W; ++p) std::copy(b, b + C, Z + p * C);
-  gemm_acc(X, false, Wt, W, K, C, Z);
+  gemm_blas(X, false, Wt, W, K, C, Z);
 }
 
 }  // namespace
@@ -560,9 +579,9 @@ Tensor patch_comoment(const Tensor& u, const Tensor& mean) {
               Yi[x * L + j * 3 + dx] = (xx < 0 || xx >= W) ? acc_t(0) : row[xx * Ci + j];
           }
       }
-      gemm_acc(Y, true, Y, L, W, L, racc);                                     // L0
-      if (h + 1 < H) gemm_acc(Y, true, Y + W * L, L, W, L, racc + LL);          // L1
-      if (h + 2 < H) gemm_acc(Y, true, Y + 2 * W * L, L, W, L, racc + 2 * LL);  // L2
+      gemm_blas(Y, true, Y, L, W, L, racc);                                     // L0
+      if (h + 1 < H) gemm_blas(Y, true, Y + W * L, L, W, L, racc + LL);          // L1
+      if (h + 2 < H) gemm_blas(Y, true, Y + 2 * W * L, L, W, L, racc + 2 * LL);  // L2
       if (h == 0) std::copy(racc, racc + LL, racc + 3 * LL);
       if (h == H - 1) std::copy(racc, racc + LL, racc + 4 * LL);
       acc_t* sc = racc + 5 * LL;
@@ -715,7 +734,7 @@ std::tuple<Tensor, Tensor> image_bwd_sums(const Tensor& grad, const Tensor& u, c
         for (int64_t k = 0; k < C; ++k) Sgr[k] += Z[x * C + k];
       for (int64_t x = 0; x < v.W; ++x)
         for (int64_t k = 0; k < K; ++k) X[x * K + k] -= ctr[k];
-      gemm_acc(Z, true, X, C, v.W, K, racc);  // G += g_a^T (x - center)
+      gemm_blas(Z, true, X, C, v.W, K, racc);  // G += g_a^T (x - center)
     });
     const auto opts = u.options().dtype(c10::CppTypeToScalarType<acc_t>::value);
     std::vector<acc_t> gpart(tot.begin(), tot.begin() + C * K), spart(tot.begin() + C * K, tot.end());
@@ -764,7 +783,7 @@ void image_bwd_du(const Tensor& grad, const Tensor& u, const Tensor& Wt, const T
             GA[i] = Ap[k] * GA[i] - Qp[k] - (Z[i] - mp[k]) * Rp[k];  // dz
           }
           std::fill(T.begin(), T.end(), acc_t(0));
-          gemm_acc(GA.data(), false, Wm.data(), W, C, K, T.data());  // T = dz W  (W x K)
+          gemm_blas(GA.data(), false, Wm.data(), W, C, K, T.data());  // T = dz W  (W x K)
           // T[x, j*9 + dy*3 + dx] belongs to du[r + dy - 1, x + dx - 1, j]
           for (int64_t dy = 0; dy < 3; ++dy) {
             const int64_t y = r + dy - 1;
