@@ -199,18 +199,6 @@ inline void gemm_acc(const double* A, bool ta, const double* B, int64_t m, int64
   gemm_generic<double>(A, ta, B, m, k, n, C);
 }
 
-// C (m x n) += op(A) B like gemm_acc, through ATen's CPU matmul (MKL / oneDNN sgemm; it runs
-// single-threaded inside at::parallel_for). Used for the image-context products, whose
-// sizes (pixels of a row x 9*C_in x C) are large enough to amortise the call.
-template <typename T>
-void gemm_blas(const T* A, bool ta, const T* B, int64_t m, int64_t k, int64_t n, T* C) {
-  const auto opts = at::TensorOptions().dtype(c10::CppTypeToScalarType<T>::value);
-  const Tensor a = ta ? at::from_blob(const_cast<T*>(A), {k, m}, opts).t() : at::from_blob(const_cast<T*>(A), {m, k}, opts);
-  const Tensor b = at::from_blob(const_cast<T*>(B), {k, n}, opts);
-  Tensor c = at::from_blob(C, {m, n}, opts);
-  at::addmm_out(c, c, a, b);
-}
-
 // grain (rows per task) so that a task has roughly >= 32k element operations
 inline int64_t row_grain(int64_t work_per_row) {
   return std::max<int64_t>(1, 32768 / std::max<int64_t>(work_per_row, 1));
@@ -500,7 +488,7 @@ template <typename acc_t>
 inline void conv_row(const acc_t* X, const acc_t* Wt, const acc_t* b, int64_t W, int64_t K, int64_t C,
                      acc_t* Z) {
   for (int64_t p = 0; p < W; ++p) std::copy(b, b + C, Z + p * C);
-  gemm_blas(X, false, Wt, W, K, C, Z);
+  gemm_acc(X, false, Wt, W, K, C, Z);
 }
 
 }  // namespace
@@ -582,11 +570,11 @@ Tensor patch_comoment(const Tensor& u, const Tensor& mean) {
               Yh[x * L + j * 3 + dx] = (xx < 0 || xx >= W) ? acc_t(0) : row[xx * Ci + j] - c[j];
           }
       }
-      gemm_blas(Y, true, Y, L, H * W, L, racc);                                              // L0
-      if (H > 1) gemm_blas(Y, true, Y + W * L, L, (H - 1) * W, L, racc + LL);               // L1
-      if (H > 2) gemm_blas(Y, true, Y + 2 * W * L, L, (H - 2) * W, L, racc + 2 * LL);       // L2
-      gemm_blas(Y, true, Y, L, W, L, racc + 3 * LL);                                         // Y_0^T Y_0
-      gemm_blas(Y + (H - 1) * W * L, true, Y + (H - 1) * W * L, L, W, L, racc + 4 * LL);   // last row
+      gemm_acc(Y, true, Y, L, H * W, L, racc);                                              // L0
+      if (H > 1) gemm_acc(Y, true, Y + W * L, L, (H - 1) * W, L, racc + LL);               // L1
+      if (H > 2) gemm_acc(Y, true, Y + 2 * W * L, L, (H - 2) * W, L, racc + 2 * LL);       // L2
+      gemm_acc(Y, true, Y, L, W, L, racc + 3 * LL);                                         // Y_0^T Y_0
+      gemm_acc(Y + (H - 1) * W * L, true, Y + (H - 1) * W * L, L, W, L, racc + 4 * LL);   // last row
       acc_t* sc = racc + 5 * LL;
       for (int64_t h = 0; h < H; ++h)
         for (int64_t x = 0; x < W; ++x) {
@@ -666,7 +654,7 @@ void image_out(const Tensor& u, const Tensor& Wt, const Tensor& b, const Tensor&
     const acc_t* Bp = B.const_data_ptr<acc_t>();
     const acc_t inv = acc_t(1) / static_cast<acc_t>(sh * sw);
     const int64_t P = sh * v.W;  // input pixels of one output row
-    at::parallel_for(0, v.N * Ho, row_grain(P * K * C), [&](int64_t r0, int64_t r1) {
+    at::parallel_for(0, v.N * Ho, 1, [&](int64_t r0, int64_t r1) {
       std::vector<acc_t> rows(3 * v.W * v.C), X(P * K), Z(P * C), acc(Wo * C), ib(Wo * C);
       for (int64_t r = r0; r < r1; ++r) {
         const int64_t n = r / Ho, ho = r % Ho;
@@ -742,7 +730,7 @@ std::tuple<Tensor, Tensor> image_bwd_sums(const Tensor& grad, const Tensor& u, c
         for (int64_t k = 0; k < C; ++k) Sgr[k] += Z[p * C + k];
       for (int64_t p = 0; p < P; ++p)
         for (int64_t k = 0; k < K; ++k) X[p * K + k] -= ctr[k];
-      gemm_blas(Z, true, X, C, P, K, racc);  // G += g_a^T (x - center)
+      gemm_acc(Z, true, X, C, P, K, racc);  // G += g_a^T (x - center)
     });
     const auto opts = u.options().dtype(c10::CppTypeToScalarType<acc_t>::value);
     std::vector<acc_t> gpart(tot.begin(), tot.begin() + C * K), spart(tot.begin() + C * K, tot.end());
@@ -798,7 +786,7 @@ void image_bwd_du(const Tensor& grad, const Tensor& u, const Tensor& Wt, const T
           }
         }
         std::fill(T.begin(), T.begin() + P * K, acc_t(0));
-        gemm_blas(Z.data(), false, Wm.data(), P, C, K, T.data());  // T = dz W  (P x K)
+        gemm_acc(Z.data(), false, Wm.data(), P, C, K, T.data());  // T = dz W  (P x K)
         // T[(r, x), j*9 + dy*3 + dx] belongs to du[r + dy - 1, x + dx - 1, j]
         std::fill(dacc.begin(), dacc.end(), acc_t(0));
         for (int64_t r = r0; r < r1; ++r)
