@@ -24,6 +24,9 @@
 #include <Python.h>
 
 #include <algorithm>
+#if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__))
+#include <immintrin.h>
+#endif
 #include <cstring>
 #include <vector>
 
@@ -178,10 +181,78 @@ void gemm_generic(const T* A, bool ta, const T* B, int64_t m, int64_t k, int64_t
 }
 
 #if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__))
+// AVX2+FMA micro-kernel: 6 x 16 tiles in 12 ymm accumulators (A broadcast, two B vectors
+// per step); an 8-wide tile for the next columns; the rest, and the last m % 6 rows, through
+// gemm_body. Every C element still sums its k products in order, so results do not depend on
+// the thread count.
+template <bool TA>
+__attribute__((target("avx2,fma"), always_inline)) inline void gemm_f32_avx2_body(
+    const float* A, const float* B, int64_t m, int64_t k, int64_t n, float* C) {
+  constexpr int MR = 6;
+  auto a_at = [&](int64_t i, int64_t l) { return TA ? A[l * m + i] : A[i * k + l]; };
+  int64_t i = 0;
+  for (; i + MR <= m; i += MR) {
+    int64_t j = 0;
+    for (; j + 16 <= n; j += 16) {
+      __m256 acc[MR][2];
+#pragma GCC unroll 6
+      for (int r = 0; r < MR; ++r) acc[r][0] = acc[r][1] = _mm256_setzero_ps();
+      for (int64_t l = 0; l < k; ++l) {
+        const float* b = B + l * n + j;
+        const __m256 b0 = _mm256_loadu_ps(b), b1 = _mm256_loadu_ps(b + 8);
+#pragma GCC unroll 6
+        for (int r = 0; r < MR; ++r) {
+          const __m256 a = _mm256_set1_ps(a_at(i + r, l));
+          acc[r][0] = _mm256_fmadd_ps(a, b0, acc[r][0]);
+          acc[r][1] = _mm256_fmadd_ps(a, b1, acc[r][1]);
+        }
+      }
+#pragma GCC unroll 6
+      for (int r = 0; r < MR; ++r) {
+        float* c = C + (i + r) * n + j;
+        _mm256_storeu_ps(c, _mm256_add_ps(_mm256_loadu_ps(c), acc[r][0]));
+        _mm256_storeu_ps(c + 8, _mm256_add_ps(_mm256_loadu_ps(c + 8), acc[r][1]));
+      }
+    }
+    for (; j + 8 <= n; j += 8) {
+      __m256 acc[MR];
+#pragma GCC unroll 6
+      for (int r = 0; r < MR; ++r) acc[r] = _mm256_setzero_ps();
+      for (int64_t l = 0; l < k; ++l) {
+        const __m256 b0 = _mm256_loadu_ps(B + l * n + j);
+#pragma GCC unroll 6
+        for (int r = 0; r < MR; ++r) acc[r] = _mm256_fmadd_ps(_mm256_set1_ps(a_at(i + r, l)), b0, acc[r]);
+      }
+#pragma GCC unroll 6
+      for (int r = 0; r < MR; ++r) {
+        float* c = C + (i + r) * n + j;
+        _mm256_storeu_ps(c, _mm256_add_ps(_mm256_loadu_ps(c), acc[r]));
+      }
+    }
+    if (j < n) {
+      // remaining columns of these rows: A's rows/columns i..i+5, B's columns j..n-1
+      for (int r = 0; r < MR; ++r)
+        for (int64_t jj = j; jj < n; ++jj) {
+          float sum = 0.f;
+          for (int64_t l = 0; l < k; ++l) sum += a_at(i + r, l) * B[l * n + jj];
+          C[(i + r) * n + jj] += sum;
+        }
+    }
+  }
+  for (; i < m; ++i) {
+    float* ci = C + i * n;
+    for (int64_t l = 0; l < k; ++l) {
+      const float ail = a_at(i, l);
+      const float* bl = B + l * n;
+      for (int64_t jj = 0; jj < n; ++jj) ci[jj] += ail * bl[jj];
+    }
+  }
+}
+
 __attribute__((target("avx2,fma"))) void gemm_f32_avx2(const float* A, bool ta, const float* B, int64_t m,
                                                         int64_t k, int64_t n, float* C) {
-  if (ta) gemm_body<float, true, 4, 8>(A, B, m, k, n, C);
-  else gemm_body<float, false, 4, 8>(A, B, m, k, n, C);
+  if (ta) gemm_f32_avx2_body<true>(A, B, m, k, n, C);
+  else gemm_f32_avx2_body<false>(A, B, m, k, n, C);
 }
 inline bool cpu_has_avx2_fma() {
   static const bool ok = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
