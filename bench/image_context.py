@@ -19,7 +19,7 @@ Command::
     python -m bench.image_context [--device cpu|cuda] [--batch 32] [--dtype float32]
                                   [--steps 10] [--threads T] [--out DIR]
 
-Prints a table and writes ``bench/results/image_context_<device>_<dtype>.json`` (environment,
+Prints a table and writes ``bench/results/image_context_<device>_<dtype>[_t<threads>].json`` (environment,
 settings, per-case times and peaks, ratios eager / native from the same run).
 """
 from __future__ import annotations
@@ -122,7 +122,8 @@ def main(argv: Optional[List[str]] = None) -> List[Dict[str, object]]:
     cols = ["C", "target", "s", "eager_ms", "native_ms", "speedup", "eager_peak_MiB", "native_peak_MiB",
             "peak_ratio", "z_MiB"]
     print(format_table(rows, cols))
-    path = write_json(f"image_context_{device.type}_{args.dtype}", {
+    suffix = f"_t{torch.get_num_threads()}" if device.type == "cpu" else ""
+    path = write_json(f"image_context_{device.type}_{args.dtype}{suffix}", {
         "environment": environment(device),
         "settings": {"threads": torch.get_num_threads(), "batch": args.batch, "dtype": args.dtype, "steps": args.steps, "C_in": C_IN,
                      "image": IMAGE, "op": "h + avgpool_s(relu(bn(conv3x3(u))))", "pass": "forward+backward"},

@@ -437,4 +437,4 @@ def test_bench_image_context_writes_table_and_json(tmp_path):
     rows = bench.main(["--batch", "2", "--steps", "1", "--threads", "1", "--out", str(tmp_path)])
     assert [r["C"] for r in rows] == [16, 32, 64]
     assert all(r["native_peak_MiB"] < r["eager_peak_MiB"] for r in rows)
-    assert (tmp_path / "image_context_cpu_float32.json").exists()
+    assert (tmp_path / "image_context_cpu_float32_t1.json").exists()
