@@ -182,9 +182,9 @@ void gemm_generic(const T* A, bool ta, const T* B, int64_t m, int64_t k, int64_t
 
 #if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__))
 // AVX2+FMA micro-kernel: 6 x 16 tiles in 12 ymm accumulators (A broadcast, two B vectors
-// per step); an 8-wide tile for the next columns; the rest, and the last m % 6 rows, through
-// gemm_body. Every C element still sums its k products in order, so results do not depend on
-// the thread count.
+// per step); 8-wide and masked tiles for the last columns; the last m % 6 rows row by row.
+// Every C element still sums its k products in order, so results do not depend on the
+// thread count.
 template <bool TA>
 __attribute__((target("avx2,fma"), always_inline)) inline void gemm_f32_avx2_body(
     const float* A, const float* B, int64_t m, int64_t k, int64_t n, float* C) {
@@ -230,13 +230,22 @@ __attribute__((target("avx2,fma"), always_inline)) inline void gemm_f32_avx2_bod
       }
     }
     if (j < n) {
-      // remaining columns of these rows: A's rows/columns i..i+5, B's columns j..n-1
-      for (int r = 0; r < MR; ++r)
-        for (int64_t jj = j; jj < n; ++jj) {
-          float sum = 0.f;
-          for (int64_t l = 0; l < k; ++l) sum += a_at(i + r, l) * B[l * n + jj];
-          C[(i + r) * n + jj] += sum;
-        }
+      // the last n - j < 8 columns: masked 8-wide loads and stores
+      const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+      const __m256i mask = _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(n - j)), lane);
+      __m256 acc[MR];
+#pragma GCC unroll 6
+      for (int r = 0; r < MR; ++r) acc[r] = _mm256_setzero_ps();
+      for (int64_t l = 0; l < k; ++l) {
+        const __m256 b0 = _mm256_maskload_ps(B + l * n + j, mask);
+#pragma GCC unroll 6
+        for (int r = 0; r < MR; ++r) acc[r] = _mm256_fmadd_ps(_mm256_set1_ps(a_at(i + r, l)), b0, acc[r]);
+      }
+#pragma GCC unroll 6
+      for (int r = 0; r < MR; ++r) {
+        float* c = C + (i + r) * n + j;
+        _mm256_maskstore_ps(c, mask, _mm256_add_ps(_mm256_maskload_ps(c, mask), acc[r]));
+      }
     }
   }
   for (; i < m; ++i) {
