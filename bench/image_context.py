@@ -17,9 +17,9 @@ the step (inputs and parameters allocated before it are excluded).
 Command::
 
     python -m bench.image_context [--device cpu|cuda] [--batch 32] [--dtype float32]
-                                  [--steps 10] [--out DIR]
+                                  [--steps 10] [--threads T] [--out DIR]
 
-Prints a table and writes ``bench/results/image_context_<device>.json`` (environment,
+Prints a table and writes ``bench/results/image_context_<device>_<dtype>[_t<threads>].json`` (environment,
 settings, per-case times and peaks, ratios eager / native from the same run).
 """
 from __future__ import annotations
@@ -102,8 +102,13 @@ def main(argv: Optional[List[str]] = None) -> List[Dict[str, object]]:
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--steps", type=int, default=10, help="timed repetitions (median)")
+    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: unchanged)")
     p.add_argument("--out", default=None, help="directory for the JSON (default bench/results)")
     args = p.parse_args(argv)
+    if args.threads is not None:
+        if args.threads < 1:
+            p.exit(2, f"bench.image_context: --threads must be >= 1, got {args.threads}\n")
+        torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         p.exit(2, "bench.image_context: --device cuda but no CUDA GPU is visible\n")
@@ -117,9 +122,10 @@ def main(argv: Optional[List[str]] = None) -> List[Dict[str, object]]:
     cols = ["C", "target", "s", "eager_ms", "native_ms", "speedup", "eager_peak_MiB", "native_peak_MiB",
             "peak_ratio", "z_MiB"]
     print(format_table(rows, cols))
-    path = write_json(f"image_context_{device.type}", {
+    suffix = f"_t{torch.get_num_threads()}" if device.type == "cpu" else ""
+    path = write_json(f"image_context_{device.type}_{args.dtype}{suffix}", {
         "environment": environment(device),
-        "settings": {"batch": args.batch, "dtype": args.dtype, "steps": args.steps, "C_in": C_IN,
+        "settings": {"threads": torch.get_num_threads(), "batch": args.batch, "dtype": args.dtype, "steps": args.steps, "C_in": C_IN,
                      "image": IMAGE, "op": "h + avgpool_s(relu(bn(conv3x3(u))))", "pass": "forward+backward"},
         "rows": rows,
     }, args.out)

@@ -4,7 +4,7 @@ Importing this module loads the extension, which registers the operators
 ``torch.ops.contsup.*`` (schemas, CPU kernels and -- when compiled with a CUDA toolkit --
 CUDA kernels; sources in ``csrc/``). This module then registers, for every operator, a
 fake (meta) implementation (``torch.library.register_fake``: shape/dtype propagation for
-``torch.compile`` / ``opcheck``) and, for the four forward operators, an autograd formula
+``torch.compile`` / ``opcheck``) and, for the five forward operators, an autograd formula
 (``torch.library.register_autograd``) that calls the matching ``*_backward`` operator.
 
 The public functions have exactly the signatures and return values of
@@ -24,6 +24,10 @@ What the autograd formulas save (ContSup Sec. 3; BatchNorm, Ioffe & Szegedy 2015
 * ``image_context_tail`` / ``bn_relu_gap``: ``z``, ``bn_weight``, ``bn_bias`` and the
   statistics (mean, var) -- no normalised or activated copy of ``z``.
 * ``global_avg_pool``: only the input's size and memory format.
+* ``image_context`` (E's second convolution fused with its BN, ReLU, pooling and the add):
+  ``u``, the conv/BN parameters, the (C,) statistics and the K + K^2 patch moments
+  (K = 9*C_in). The (N, C, s*H, s*W) convolution output is never stored or even allocated:
+  the forward and both backward passes recompute it per row band (CPU) or tile (CUDA).
 
 ``h`` receives ``grad_out`` unchanged (identity, as in the reference); the contexts
 ``c_r`` are treated as detached and receive no gradient.

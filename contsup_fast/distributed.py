@@ -630,8 +630,9 @@ class StageOutput:
     """What one :meth:`LocalPipeline.step` did on this process.
 
     Attributes:
-        batch: index of the batch this stage processed (counting the batches rank 0 fed
-            since construction), or None if the stage idled this tick (filling/draining).
+        batch: index of the batch this stage processed, counting the batches rank 0 fed
+            (one per tick) since the last :meth:`LocalPipeline.flush`; None if the stage
+            idled this tick (filling or draining).
         local_losses: (modules of this stage,) detached losses, on the device (no sync).
         logits: (N, classes) detached logits, on the last stage only (else None).
         labels: (N,) the labels that travelled with the batch (last stage), or None.

@@ -24,6 +24,9 @@
 #include <Python.h>
 
 #include <algorithm>
+#if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__))
+#include <immintrin.h>
+#endif
 #include <cstring>
 #include <vector>
 
@@ -117,7 +120,7 @@ Tensor vec_to_tensor(const std::vector<acc_t>& v, at::IntArrayRef shape,
 
 // ---- small dense products of the residual-context passes --------------------------
 // C (m x n) += op(A) * B with row-major contiguous buffers: op(A) = A stored (m x k) or,
-// when TA, the transpose of A stored (k x m). Register-blocked (4 x 8) loops; the fp32
+// when TA, the transpose of A stored (k x m). Register-blocked loops; the fp32
 // version is compiled twice and picks AVX2+FMA at run time when the CPU has it. (BLAS
 // is deliberately not used: these products are small and run inside at::parallel_for,
 // where a threaded BLAS oversubscribes the cores.)
@@ -127,9 +130,10 @@ Tensor vec_to_tensor(const std::vector<acc_t>& v, at::IntArrayRef shape,
 #define CONTSUP_ALWAYS_INLINE inline
 #endif
 
-template <typename T, bool TA>
+// MR x NR register tile; the AVX2 build uses 6 x 16 (12 ymm accumulators), the generic
+// one 4 x 8. Columns past the last full NR block use the same tile with a runtime width.
+template <typename T, bool TA, int MR, int NR>
 CONTSUP_ALWAYS_INLINE void gemm_body(const T* A, const T* B, int64_t m, int64_t k, int64_t n, T* C) {
-  constexpr int MR = 4, NR = 8;
   auto a_at = [&](int64_t i, int64_t l) { return TA ? A[l * m + i] : A[i * k + l]; };
   int64_t i = 0;
   for (; i + MR <= m; i += MR) {
@@ -146,12 +150,18 @@ CONTSUP_ALWAYS_INLINE void gemm_body(const T* A, const T* B, int64_t m, int64_t 
       for (int r = 0; r < MR; ++r)
         for (int q = 0; q < NR; ++q) C[(i + r) * n + j + q] += acc[r][q];
     }
-    for (; j < n; ++j) {
-      for (int r = 0; r < MR; ++r) {
-        T sum = T(0);
-        for (int64_t l = 0; l < k; ++l) sum += a_at(i + r, l) * B[l * n + j];
-        C[(i + r) * n + j] += sum;
+    if (j < n) {
+      const int64_t nr = n - j;
+      T acc[MR][NR] = {};
+      for (int64_t l = 0; l < k; ++l) {
+        const T* b = B + l * n + j;
+        for (int r = 0; r < MR; ++r) {
+          const T ar = a_at(i + r, l);
+          for (int64_t q = 0; q < nr; ++q) acc[r][q] += ar * b[q];
+        }
       }
+      for (int r = 0; r < MR; ++r)
+        for (int64_t q = 0; q < nr; ++q) C[(i + r) * n + j + q] += acc[r][q];
     }
   }
   for (; i < m; ++i) {
@@ -166,15 +176,92 @@ CONTSUP_ALWAYS_INLINE void gemm_body(const T* A, const T* B, int64_t m, int64_t 
 
 template <typename T>
 void gemm_generic(const T* A, bool ta, const T* B, int64_t m, int64_t k, int64_t n, T* C) {
-  if (ta) gemm_body<T, true>(A, B, m, k, n, C);
-  else gemm_body<T, false>(A, B, m, k, n, C);
+  if (ta) gemm_body<T, true, 4, 8>(A, B, m, k, n, C);
+  else gemm_body<T, false, 4, 8>(A, B, m, k, n, C);
 }
 
 #if defined(__GNUC__) && (defined(__x86_64__) || defined(__i386__))
+// AVX2+FMA micro-kernel: 6 x 16 tiles in 12 ymm accumulators (A broadcast, two B vectors
+// per step); 8-wide and masked tiles for the last columns; the last m % 6 rows row by row.
+// Every C element still sums its k products in order, so results do not depend on the
+// thread count.
+template <bool TA>
+__attribute__((target("avx2,fma"), always_inline)) inline void gemm_f32_avx2_body(
+    const float* A, const float* B, int64_t m, int64_t k, int64_t n, float* C) {
+  constexpr int MR = 6;
+  auto a_at = [&](int64_t i, int64_t l) { return TA ? A[l * m + i] : A[i * k + l]; };
+  int64_t i = 0;
+  for (; i + MR <= m; i += MR) {
+    int64_t j = 0;
+    for (; j + 16 <= n; j += 16) {
+      __m256 acc[MR][2];
+#pragma GCC unroll 6
+      for (int r = 0; r < MR; ++r) acc[r][0] = acc[r][1] = _mm256_setzero_ps();
+      for (int64_t l = 0; l < k; ++l) {
+        const float* b = B + l * n + j;
+        const __m256 b0 = _mm256_loadu_ps(b), b1 = _mm256_loadu_ps(b + 8);
+#pragma GCC unroll 6
+        for (int r = 0; r < MR; ++r) {
+          const __m256 a = _mm256_set1_ps(a_at(i + r, l));
+          acc[r][0] = _mm256_fmadd_ps(a, b0, acc[r][0]);
+          acc[r][1] = _mm256_fmadd_ps(a, b1, acc[r][1]);
+        }
+      }
+#pragma GCC unroll 6
+      for (int r = 0; r < MR; ++r) {
+        float* c = C + (i + r) * n + j;
+        _mm256_storeu_ps(c, _mm256_add_ps(_mm256_loadu_ps(c), acc[r][0]));
+        _mm256_storeu_ps(c + 8, _mm256_add_ps(_mm256_loadu_ps(c + 8), acc[r][1]));
+      }
+    }
+    for (; j + 8 <= n; j += 8) {
+      __m256 acc[MR];
+#pragma GCC unroll 6
+      for (int r = 0; r < MR; ++r) acc[r] = _mm256_setzero_ps();
+      for (int64_t l = 0; l < k; ++l) {
+        const __m256 b0 = _mm256_loadu_ps(B + l * n + j);
+#pragma GCC unroll 6
+        for (int r = 0; r < MR; ++r) acc[r] = _mm256_fmadd_ps(_mm256_set1_ps(a_at(i + r, l)), b0, acc[r]);
+      }
+#pragma GCC unroll 6
+      for (int r = 0; r < MR; ++r) {
+        float* c = C + (i + r) * n + j;
+        _mm256_storeu_ps(c, _mm256_add_ps(_mm256_loadu_ps(c), acc[r]));
+      }
+    }
+    if (j < n) {
+      // the last n - j < 8 columns: masked 8-wide loads and stores
+      const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+      const __m256i mask = _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(n - j)), lane);
+      __m256 acc[MR];
+#pragma GCC unroll 6
+      for (int r = 0; r < MR; ++r) acc[r] = _mm256_setzero_ps();
+      for (int64_t l = 0; l < k; ++l) {
+        const __m256 b0 = _mm256_maskload_ps(B + l * n + j, mask);
+#pragma GCC unroll 6
+        for (int r = 0; r < MR; ++r) acc[r] = _mm256_fmadd_ps(_mm256_set1_ps(a_at(i + r, l)), b0, acc[r]);
+      }
+#pragma GCC unroll 6
+      for (int r = 0; r < MR; ++r) {
+        float* c = C + (i + r) * n + j;
+        _mm256_maskstore_ps(c, mask, _mm256_add_ps(_mm256_maskload_ps(c, mask), acc[r]));
+      }
+    }
+  }
+  for (; i < m; ++i) {
+    float* ci = C + i * n;
+    for (int64_t l = 0; l < k; ++l) {
+      const float ail = a_at(i, l);
+      const float* bl = B + l * n;
+      for (int64_t jj = 0; jj < n; ++jj) ci[jj] += ail * bl[jj];
+    }
+  }
+}
+
 __attribute__((target("avx2,fma"))) void gemm_f32_avx2(const float* A, bool ta, const float* B, int64_t m,
                                                         int64_t k, int64_t n, float* C) {
-  if (ta) gemm_body<float, true>(A, B, m, k, n, C);
-  else gemm_body<float, false>(A, B, m, k, n, C);
+  if (ta) gemm_f32_avx2_body<true>(A, B, m, k, n, C);
+  else gemm_f32_avx2_body<false>(A, B, m, k, n, C);
 }
 inline bool cpu_has_avx2_fma() {
   static const bool ok = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
@@ -486,19 +573,34 @@ inline void conv_row(const acc_t* X, const acc_t* Wt, const acc_t* b, int64_t W,
 
 }  // namespace
 
+// Patch sums from row sums: row h of u adds to entry (j, dy, dx) of the pixels of row
+// h - dy + 1 (when inside the image) its sum over the columns x with x - dx + 1 inside:
+// all columns but the last (dx = 0), all (dx = 1), all but the first (dx = 2).
 Tensor patch_sum(const Tensor& u) {
   const View4 v = view4(u);
-  const int64_t K = 9 * v.C;
+  const int64_t Ci = v.C, K = 9 * Ci, W = v.W, H = v.H;
   Tensor result;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, u.scalar_type(), "contsup_patch_sum_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const scalar_t* up = u.const_data_ptr<scalar_t>();
-    auto tot = reduce_rows<acc_t>(v.N * v.H, K, [&](int64_t r, acc_t* racc, std::vector<acc_t>& s) {
-      s.resize(3 * v.W * v.C + v.W * K);
-      acc_t* X = s.data() + 3 * v.W * v.C;
-      patch_row(up, v, r / v.H, r % v.H, s.data(), X);
-      for (int64_t x = 0; x < v.W; ++x)
-        for (int64_t k = 0; k < K; ++k) racc[k] += X[x * K + k];
+    auto tot = reduce_rows<acc_t>(v.N * H, K, [&](int64_t r, acc_t* racc, std::vector<acc_t>& s) {
+      const int64_t h = r % H;
+      s.resize(W * Ci + Ci);
+      gather_row(up, v, r / H, h, s.data());
+      acc_t* rs = s.data() + W * Ci;
+      std::fill(rs, rs + Ci, acc_t(0));
+      for (int64_t x = 0; x < W; ++x)
+        for (int64_t j = 0; j < Ci; ++j) rs[j] += s[x * Ci + j];
+      for (int64_t dy = 0; dy < 3; ++dy) {
+        const int64_t ph = h - dy + 1;
+        if (ph < 0 || ph >= H) continue;
+        for (int64_t j = 0; j < Ci; ++j) {
+          acc_t* e = racc + j * 9 + dy * 3;
+          e[0] += rs[j] - s[(W - 1) * Ci + j];
+          e[1] += rs[j];
+          e[2] += rs[j] - s[j];
+        }
+      }
     });
     result = vec_to_tensor(tot, {K}, u.options().dtype(c10::CppTypeToScalarType<acc_t>::value));
   });
@@ -532,51 +634,39 @@ Tensor patch_comoment(const Tensor& u, const Tensor& mean) {
     auto border_class = [&](int64_t h, int64_t w) {
       return ((h == 0) + 2 * (h == H - 1)) * 4 + (w == 0) + 2 * (w == W - 1);
     };
-    // row accumulator: [L0 | L1 | L2 | Y_0^T Y_0 | Y_{H-1}^T Y_{H-1} | s (16 x K)]
+    // per-image accumulator: [L0 | L1 | L2 | Y_0^T Y_0 | Y_{H-1}^T Y_{H-1} | s (16 x K)]
     const int64_t width = 5 * LL + kClasses * K;
-    auto tot = reduce_rows<acc_t>(v.N * H, width, [&](int64_t r, acc_t* racc, std::vector<acc_t>& s) {
-      const int64_t n = r / H, h = r % H;
-      s.resize(4 * W * Ci + 3 * W * L);
-      acc_t* rows = s.data();          // centred rows h-1, h, h+1, h+2 (W x C_in each)
-      acc_t* Y = rows + 4 * W * Ci;    // Y_h, Y_{h+1}, Y_{h+2} (W x L each)
-      for (int64_t i = 0; i < 4; ++i) {
-        const int64_t hh = h + i - 1;
-        acc_t* dst = rows + i * W * Ci;
-        if (hh < 0 || hh >= H) {
-          std::fill(dst, dst + W * Ci, acc_t(0));
-        } else {
-          gather_row(up, v, n, hh, dst);
-          for (int64_t x = 0; x < W; ++x)
-            for (int64_t j = 0; j < Ci; ++j) dst[x * Ci + j] -= c[j];
-        }
-      }
-      for (int64_t i = 0; i < 3; ++i) {
-        const acc_t* row = rows + (i + 1) * W * Ci;
-        acc_t* Yi = Y + i * W * L;
+    auto tot = reduce_rows<acc_t>(v.N, width, [&](int64_t n, acc_t* racc, std::vector<acc_t>& s) {
+      s.resize(W * Ci + H * W * L);
+      acc_t* row = s.data();
+      acc_t* Y = row + W * Ci;  // Y_0, ..., Y_{H-1} stacked: (H*W) x L
+      for (int64_t h = 0; h < H; ++h) {
+        gather_row(up, v, n, h, row);
+        acc_t* Yh = Y + h * W * L;
         for (int64_t x = 0; x < W; ++x)
           for (int64_t dx = 0; dx < 3; ++dx) {
             const int64_t xx = x + dx - 1;
             for (int64_t j = 0; j < Ci; ++j)
-              Yi[x * L + j * 3 + dx] = (xx < 0 || xx >= W) ? acc_t(0) : row[xx * Ci + j];
+              Yh[x * L + j * 3 + dx] = (xx < 0 || xx >= W) ? acc_t(0) : row[xx * Ci + j] - c[j];
           }
       }
-      gemm_acc(Y, true, Y, L, W, L, racc);                                     // L0
-      if (h + 1 < H) gemm_acc(Y, true, Y + W * L, L, W, L, racc + LL);          // L1
-      if (h + 2 < H) gemm_acc(Y, true, Y + 2 * W * L, L, W, L, racc + 2 * LL);  // L2
-      if (h == 0) std::copy(racc, racc + LL, racc + 3 * LL);
-      if (h == H - 1) std::copy(racc, racc + LL, racc + 4 * LL);
+      gemm_acc(Y, true, Y, L, H * W, L, racc);                                              // L0
+      if (H > 1) gemm_acc(Y, true, Y + W * L, L, (H - 1) * W, L, racc + LL);               // L1
+      if (H > 2) gemm_acc(Y, true, Y + 2 * W * L, L, (H - 2) * W, L, racc + 2 * LL);       // L2
+      gemm_acc(Y, true, Y, L, W, L, racc + 3 * LL);                                         // Y_0^T Y_0
+      gemm_acc(Y + (H - 1) * W * L, true, Y + (H - 1) * W * L, L, W, L, racc + 4 * LL);   // last row
       acc_t* sc = racc + 5 * LL;
-      for (int64_t x = 0; x < W; ++x) {
-        acc_t* sk = sc + border_class(h, x) * K;
-        for (int64_t dy = 0; dy < 3; ++dy) {
-          const acc_t* row = rows + dy * W * Ci;
-          for (int64_t dx = 0; dx < 3; ++dx) {
-            const int64_t xx = x + dx - 1;
-            if (xx < 0 || xx >= W) continue;
-            for (int64_t j = 0; j < Ci; ++j) sk[j * 9 + dy * 3 + dx] += row[xx * Ci + j];
+      for (int64_t h = 0; h < H; ++h)
+        for (int64_t x = 0; x < W; ++x) {
+          acc_t* sk = sc + border_class(h, x) * K;
+          for (int64_t dy = 0; dy < 3; ++dy) {
+            const int64_t hh = h + dy - 1;
+            if (hh < 0 || hh >= H) continue;
+            const acc_t* yp = Y + (hh * W + x) * L;  // [j*3 + dx] = ut[j, hh, x+dx-1]
+            for (int64_t j = 0; j < Ci; ++j)
+              for (int64_t dx = 0; dx < 3; ++dx) sk[j * 9 + dy * 3 + dx] += yp[j * 3 + dx];
           }
         }
-      }
     });
     // assemble sum_p xt_p xt_p^T from the lagged blocks
     std::vector<acc_t> S(K * K);
@@ -643,21 +733,20 @@ void image_out(const Tensor& u, const Tensor& Wt, const Tensor& b, const Tensor&
     const acc_t* Ap = A.const_data_ptr<acc_t>();
     const acc_t* Bp = B.const_data_ptr<acc_t>();
     const acc_t inv = acc_t(1) / static_cast<acc_t>(sh * sw);
-    at::parallel_for(0, v.N * Ho, row_grain(sh * v.W * K * C), [&](int64_t r0, int64_t r1) {
-      std::vector<acc_t> rows(3 * v.W * v.C), X(v.W * K), Z(v.W * C), acc(Wo * C), ib(Wo * C);
+    const int64_t P = sh * v.W;  // input pixels of one output row
+    at::parallel_for(0, v.N * Ho, 1, [&](int64_t r0, int64_t r1) {
+      std::vector<acc_t> rows(3 * v.W * v.C), X(P * K), Z(P * C), acc(Wo * C), ib(Wo * C);
       for (int64_t r = r0; r < r1; ++r) {
         const int64_t n = r / Ho, ho = r % Ho;
         std::fill(acc.begin(), acc.end(), acc_t(0));
-        for (int64_t dy = 0; dy < sh; ++dy) {
-          patch_row(up, v, n, ho * sh + dy, rows.data(), X.data());
-          conv_row(X.data(), wt, bp, v.W, K, C, Z.data());
-          for (int64_t x = 0; x < v.W; ++x) {
-            const acc_t* zp = Z.data() + x * C;
-            acc_t* a = acc.data() + (x / sw) * C;
-            for (int64_t k = 0; k < C; ++k) {
-              const acc_t y = Ap[k] * zp[k] + Bp[k];
-              a[k] += y < acc_t(0) ? acc_t(0) : y;  // NaN propagates like F.relu
-            }
+        for (int64_t dy = 0; dy < sh; ++dy) patch_row(up, v, n, ho * sh + dy, rows.data(), X.data() + dy * v.W * K);
+        conv_row(X.data(), wt, bp, P, K, C, Z.data());
+        for (int64_t p = 0; p < P; ++p) {
+          const acc_t* zp = Z.data() + p * C;
+          acc_t* a = acc.data() + ((p % v.W) / sw) * C;
+          for (int64_t k = 0; k < C; ++k) {
+            const acc_t y = Ap[k] * zp[k] + Bp[k];
+            a[k] += y < acc_t(0) ? acc_t(0) : y;  // NaN propagates like F.relu
           }
         }
         gather_row(ip, iv, n, ho, ib.data());
@@ -687,7 +776,9 @@ std::tuple<Tensor, Tensor> image_bwd_sums(const Tensor& grad, const Tensor& u, c
                                           const Tensor& b, const Tensor& A, const Tensor& B,
                                           const Tensor& center) {
   const View4 v = view4(u), gv = view4(grad);
-  const int64_t K = 9 * v.C, C = gv.C, sh = v.H / gv.H, sw = v.W / gv.W;
+  const int64_t K = 9 * v.C, C = gv.C, sh = v.H / gv.H, sw = v.W / gv.W, W = v.W;
+  // one reduction "row" = a band of up to 8 image rows (fixed by the shape: deterministic)
+  const int64_t band = std::min<int64_t>(v.H, 8), bands = (v.H + band - 1) / band;
   Tensor G, Sg;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, u.scalar_type(), "contsup_image_bwd_sums_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
@@ -699,23 +790,27 @@ std::tuple<Tensor, Tensor> image_bwd_sums(const Tensor& grad, const Tensor& u, c
     const acc_t* Bp = B.const_data_ptr<acc_t>();
     const acc_t* ctr = center.const_data_ptr<acc_t>();
     const acc_t inv = acc_t(1) / static_cast<acc_t>(sh * sw);
-    // row accumulator: [G (C x K) | Sg (C)]
-    auto tot = reduce_rows<acc_t>(v.N * v.H, C * K + C, [&](int64_t r, acc_t* racc, std::vector<acc_t>& s) {
-      const int64_t n = r / v.H, h = r % v.H;
-      s.resize(3 * v.W * v.C + v.W * K + v.W * C + gv.W * C);
-      acc_t* X = s.data() + 3 * v.W * v.C;
-      acc_t* Z = X + v.W * K;
-      acc_t* gb = Z + v.W * C;
-      patch_row(up, v, n, h, s.data(), X);
-      conv_row(X, wt, bp, v.W, K, C, Z);
-      gather_row(gp, gv, n, h / sh, gb);
-      masked_grad_row(Z, gb, Ap, Bp, inv, v.W, C, sw, Z);  // Z := g_a
+    // accumulator: [G (C x K) | Sg (C)]
+    auto tot = reduce_rows<acc_t>(v.N * bands, C * K + C, [&](int64_t r, acc_t* racc, std::vector<acc_t>& s) {
+      const int64_t n = r / bands, y0 = (r % bands) * band, y1 = std::min(v.H, y0 + band);
+      const int64_t P = (y1 - y0) * W;
+      s.resize(3 * W * v.C + P * K + P * C + gv.W * C);
+      acc_t* X = s.data() + 3 * W * v.C;
+      acc_t* Z = X + P * K;
+      acc_t* gb = Z + P * C;
+      for (int64_t y = y0; y < y1; ++y) patch_row(up, v, n, y, s.data(), X + (y - y0) * W * K);
+      conv_row(X, wt, bp, P, K, C, Z);
+      for (int64_t y = y0; y < y1; ++y) {
+        gather_row(gp, gv, n, y / sh, gb);
+        acc_t* Zy = Z + (y - y0) * W * C;
+        masked_grad_row(Zy, gb, Ap, Bp, inv, W, C, sw, Zy);  // Z := g_a
+      }
       acc_t* Sgr = racc + C * K;
-      for (int64_t x = 0; x < v.W; ++x)
-        for (int64_t k = 0; k < C; ++k) Sgr[k] += Z[x * C + k];
-      for (int64_t x = 0; x < v.W; ++x)
-        for (int64_t k = 0; k < K; ++k) X[x * K + k] -= ctr[k];
-      gemm_acc(Z, true, X, C, v.W, K, racc);  // G += g_a^T (x - center)
+      for (int64_t p = 0; p < P; ++p)
+        for (int64_t k = 0; k < C; ++k) Sgr[k] += Z[p * C + k];
+      for (int64_t p = 0; p < P; ++p)
+        for (int64_t k = 0; k < K; ++k) X[p * K + k] -= ctr[k];
+      gemm_acc(Z, true, X, C, P, K, racc);  // G += g_a^T (x - center)
     });
     const auto opts = u.options().dtype(c10::CppTypeToScalarType<acc_t>::value);
     std::vector<acc_t> gpart(tot.begin(), tot.begin() + C * K), spart(tot.begin() + C * K, tot.end());
@@ -729,8 +824,9 @@ void image_bwd_du(const Tensor& grad, const Tensor& u, const Tensor& Wt, const T
                   const Tensor& B, const Tensor& mean, const Tensor& Q, const Tensor& R, const Tensor& du) {
   const View4 v = view4(u), gv = view4(grad), dv = view4(du);
   const int64_t Ci = v.C, K = 9 * Ci, C = gv.C, sh = v.H / gv.H, sw = v.W / gv.W, W = v.W;
-  // tasks: (image n, block of RB rows of du); each recomputes dz on its rows plus a 1-row halo
-  const int64_t RB = std::min<int64_t>(v.H, 8);
+  // tasks: (image n, band of RB rows of du); each recomputes dz on its rows plus a 1-row halo
+  // above and below ((RB + 2) / RB of the convolution work), as one product per band
+  const int64_t RB = std::min<int64_t>(v.H, 16);
   const int64_t blocks = (v.H + RB - 1) / RB;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, u.scalar_type(), "contsup_image_bwd_du_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
@@ -749,29 +845,37 @@ void image_bwd_du(const Tensor& grad, const Tensor& u, const Tensor& Wt, const T
     for (int64_t k = 0; k < K; ++k)
       for (int64_t c = 0; c < C; ++c) Wm[c * K + k] = wt[k * C + c];
     at::parallel_for(0, v.N * blocks, 1, [&](int64_t t0, int64_t t1) {
-      std::vector<acc_t> rows(3 * W * Ci), X(W * K), Z(W * C), GA(W * C), gb(gv.W * C), T(W * K),
-          dacc(RB * W * Ci);
+      const int64_t PM = (RB + 2) * W;
+      std::vector<acc_t> rows(3 * W * Ci), X(PM * K), Z(PM * C), gb(gv.W * C), T(PM * K), dacc(RB * W * Ci);
       for (int64_t t = t0; t < t1; ++t) {
         const int64_t n = t / blocks, y0 = (t % blocks) * RB, y1 = std::min(v.H, y0 + RB);
-        std::fill(dacc.begin(), dacc.end(), acc_t(0));
-        for (int64_t r = std::max<int64_t>(0, y0 - 1); r < std::min(v.H, y1 + 1); ++r) {
-          patch_row(up, v, n, r, rows.data(), X.data());
-          conv_row(X.data(), wt, bp, W, K, C, Z.data());
+        const int64_t r0 = std::max<int64_t>(0, y0 - 1), r1 = std::min(v.H, y1 + 1), P = (r1 - r0) * W;
+        for (int64_t r = r0; r < r1; ++r) patch_row(up, v, n, r, rows.data(), X.data() + (r - r0) * W * K);
+        conv_row(X.data(), wt, bp, P, K, C, Z.data());
+        for (int64_t r = r0; r < r1; ++r) {
           gather_row(gp, gv, n, r / sh, gb.data());
-          masked_grad_row(Z.data(), gb.data(), Ap, Bp, inv, W, C, sw, GA.data());
-          for (int64_t i = 0; i < W * C; ++i) {
-            const int64_t k = i % C;
-            GA[i] = Ap[k] * GA[i] - Qp[k] - (Z[i] - mp[k]) * Rp[k];  // dz
+          acc_t* Zr = Z.data() + (r - r0) * W * C;
+          for (int64_t x = 0; x < W; ++x) {
+            acc_t* zp = Zr + x * C;
+            const acc_t* gr = gb.data() + (x / sw) * C;
+            for (int64_t k = 0; k < C; ++k) {
+              const acc_t z = zp[k];
+              const acc_t ga = Ap[k] * z + Bp[k] > acc_t(0) ? gr[k] * inv : acc_t(0);
+              zp[k] = Ap[k] * ga - Qp[k] - (z - mp[k]) * Rp[k];  // dz
+            }
           }
-          std::fill(T.begin(), T.end(), acc_t(0));
-          gemm_acc(GA.data(), false, Wm.data(), W, C, K, T.data());  // T = dz W  (W x K)
-          // T[x, j*9 + dy*3 + dx] belongs to du[r + dy - 1, x + dx - 1, j]
+        }
+        std::fill(T.begin(), T.begin() + P * K, acc_t(0));
+        gemm_acc(Z.data(), false, Wm.data(), P, C, K, T.data());  // T = dz W  (P x K)
+        // T[(r, x), j*9 + dy*3 + dx] belongs to du[r + dy - 1, x + dx - 1, j]
+        std::fill(dacc.begin(), dacc.end(), acc_t(0));
+        for (int64_t r = r0; r < r1; ++r)
           for (int64_t dy = 0; dy < 3; ++dy) {
             const int64_t y = r + dy - 1;
             if (y < y0 || y >= y1) continue;
             acc_t* drow = dacc.data() + (y - y0) * W * Ci;
             for (int64_t x = 0; x < W; ++x) {
-              const acc_t* tx = T.data() + x * K;
+              const acc_t* tx = T.data() + ((r - r0) * W + x) * K;
               for (int64_t dx = 0; dx < 3; ++dx) {
                 const int64_t xx = x + dx - 1;
                 if (xx < 0 || xx >= W) continue;
@@ -781,7 +885,6 @@ void image_bwd_du(const Tensor& grad, const Tensor& u, const Tensor& Wt, const T
               }
             }
           }
-        }
         for (int64_t y = y0; y < y1; ++y) scatter_row(dp, dv, n, y, dacc.data() + (y - y0) * W * Ci);
       }
     });

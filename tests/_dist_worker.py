@@ -214,23 +214,52 @@ def case_pipeline(info):
 
 
 # ------------------------------------------------------------------------------ training CLI
+def _sigterm_after(trainer_cls, steps: int, rank: int):
+    """Patch ``trainer_cls.step`` so that rank ``rank`` gets a SIGTERM after ``steps`` steps."""
+    import signal
+    orig, count = trainer_cls.step, {"n": 0}
+
+    def step(self, x, y):
+        out = orig(self, x, y)
+        count["n"] += 1
+        if count["n"] == steps and int(os.environ["RANK"]) == rank:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return out
+
+    trainer_cls.step = step
+    return lambda: setattr(trainer_cls, "step", orig)
+
+
 def cli_runs(out_root, data_dir, ports):
     """The training CLI (contsup_fast.train.run, as torchrun runs it) in data and pipeline
-    mode: stop after epoch 1, resume, and compare (data: with an uninterrupted run; pipeline:
-    the stage files are compared by the test with a single-process run)."""
+    mode: a SIGTERM on one rank in the middle of an epoch stops both ranks at the same step
+    after saving; resuming gives exactly the parameters of an uninterrupted run (data: compared
+    here; pipeline: the test compares the stage files with a single-process run)."""
     from contsup_fast import train as T
     from contsup_fast.checkpoint import load_checkpoint
     common = ["--model", "resnet20", "--K", "4", "--context", "R2E", "--data-dir", data_dir,
               "--batch-size", "16", "--epochs", "2", "--device", "cpu", "--lr", "0.05",
               "--warmup-epochs", "1", "--no-progress", "--dist-timeout", "120"]
-    runs = [["--parallel", "data", "--out", f"{out_root}/data"],
-            ["--parallel", "data", "--out", f"{out_root}/data_split", "--stop-after-epochs", "1"],
-            ["--resume", f"{out_root}/data_split", "--parallel", "data"],
-            ["--parallel", "pipeline", "--out", f"{out_root}/pipe", "--stop-after-epochs", "1"],
-            ["--resume", f"{out_root}/pipe", "--parallel", "pipeline"]]
-    for argv, port in zip(runs, ports):
+    # (argv, trainer class to interrupt, after how many steps, on which rank)
+    runs = [(["--parallel", "data", "--out", f"{out_root}/data"], None, 0, 0),
+            (["--parallel", "data", "--out", f"{out_root}/data_split"], T._LocalTrainer, 2, 1),
+            (["--resume", f"{out_root}/data_split", "--parallel", "data"], None, 0, 0),
+            (["--parallel", "pipeline", "--out", f"{out_root}/pipe"], T._PipelineTrainer, 7, 0),
+            (["--resume", f"{out_root}/pipe", "--parallel", "pipeline"], None, 0, 0)]
+    for (argv, cls, steps, rank), port in zip(runs, ports):
         os.environ["MASTER_PORT"] = str(port)
-        T.run((common if "--resume" not in argv else []) + argv)
+        undo = _sigterm_after(cls, steps, rank) if cls is not None else None
+        try:
+            T.run((common if "--resume" not in argv else []) + argv)
+            assert undo is None, "a SIGTERM on one rank did not stop this rank"
+        except KeyboardInterrupt:
+            assert undo is not None
+            ck = load_checkpoint(argv[argv.index("--out") + 1])
+            # the stop vote lags one step: both ranks stopped after step steps + 1
+            assert (ck["epoch"], ck["batch"]) == divmod(steps + 1, 5), (ck["epoch"], ck["batch"])
+        finally:
+            if undo is not None:
+                undo()
     if int(os.environ["RANK"]) == 0:
         a, b = load_checkpoint(f"{out_root}/data"), load_checkpoint(f"{out_root}/data_split")
         assert (a["epoch"], b["epoch"], b["world_size"]) == (2, 2, 2)

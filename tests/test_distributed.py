@@ -138,8 +138,9 @@ def _write_tiny_cifar(root):
 
 @pytest.mark.filterwarnings("ignore:.*differs from the official release")
 def test_cli_resume_is_exact_in_data_and_pipeline_mode(tmp_path):
-    """Under the torchrun environment: data parallel stopped after epoch 1 and resumed equals an
-    uninterrupted run; pipeline stopped and resumed equals a single-process run, bit for bit."""
+    """Under the torchrun environment: a SIGTERM on one rank mid-epoch stops both ranks at the
+    same step after saving. Data parallel resumed equals an uninterrupted run; pipeline resumed
+    equals a single-process run, bit for bit."""
     from contsup_fast import train as T
     from contsup_fast.checkpoint import load_checkpoint
     data = _write_tiny_cifar(tmp_path / "cifar")

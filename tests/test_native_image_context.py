@@ -428,3 +428,13 @@ def test_cuda_kernels_emulated_other_ops_match_cpu(emulated_cuda_ops):
     bargs = (grad, z, g, beta, m, v, True, 1e-5)
     for a, e in zip(emulated_cuda_ops.image_context_tail_backward(*bargs), OPS.image_context_tail_backward(*bargs)):
         _assert_close(a, e, 1e-5, "image_context_tail_backward")
+
+
+@pytest.mark.slow
+def test_bench_image_context_writes_table_and_json(tmp_path):
+    from bench import image_context as bench
+
+    rows = bench.main(["--batch", "2", "--steps", "1", "--threads", "1", "--out", str(tmp_path)])
+    assert [r["C"] for r in rows] == [16, 32, 64]
+    assert all(r["native_peak_MiB"] < r["eager_peak_MiB"] for r in rows)
+    assert (tmp_path / "image_context_cpu_float32_t1.json").exists()
