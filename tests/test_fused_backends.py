@@ -73,8 +73,10 @@ def _peak(make, K, context, backend, batch=8):
 def test_memory_target_resnet32_r1e_within_125_percent_of_r0(backend):
     eager_ratio = _peak(resnet32, 16, "R1E", "torch") / _peak(resnet32, 16, "R0", "torch")
     fused_ratio = _peak(resnet32, 16, "R1E", backend) / _peak(resnet32, 16, "R0", backend)
-    assert eager_ratio > 2.0, eager_ratio
+    # the torch backend's E term is the batch-chunked recompute (below 2x since the fused
+    # image-context op landed); the fused ops keep R1E within 1.25x of R0's saved bytes
     assert fused_ratio <= 1.25, fused_ratio
+    assert fused_ratio < eager_ratio, (fused_ratio, eager_ratio)
 
 
 @pytest.mark.slow
