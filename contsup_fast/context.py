@@ -116,7 +116,7 @@ class ImageEncoder(nn.Module):
         pool -> add, and its batch statistics are folded into ``bn2``'s running buffers exactly
         as ``nn.BatchNorm2d`` does. Training and eval.
 
-        With autograd recording, neither the first convolution's output nor ``u`` is kept for
+        In training with autograd recording, neither the first convolution's output nor ``u`` is kept for
         the backward (:class:`_RecomputedHidden`): both are recomputed from the image when the
         backward needs them, so this term keeps only the image (alive anyway) and per-channel
         statistics between forward and backward.
@@ -129,7 +129,9 @@ class ImageEncoder(nn.Module):
                 (a caller may pass scaled ones); default ``bn2.weight``/``bn2.bias``.
         """
         bn = self.bn2
-        recompute = _RecomputedHidden(self, x) if torch.is_grad_enabled() else contextlib.nullcontext()
+        # in training (not under tracing, where tensors have no storage to compare)
+        checkpointed = self.training and torch.is_grad_enabled() and not torch.compiler.is_compiling()
+        recompute = _RecomputedHidden(self, x) if checkpointed else contextlib.nullcontext()
         with recompute:
             t1 = self.conv1(x)
             u = F.relu(self.bn1(t1))
