@@ -3,7 +3,6 @@ import copy
 
 import pytest
 import torch
-from torch import nn
 
 from contsup_fast import LocalSequential
 from contsup_fast.context import BoundaryContext, ImageEncoder
