@@ -86,7 +86,7 @@ def _chain(event) -> List[str]:
     return names
 
 
-def analyse(model: str, K: int, context: str, batch: int, backend: str, top: int) -> dict:
+def analyse(model: str, K: int, context: str, batch: int, backend: str, top: int, stack: bool = True) -> dict:
     torch.manual_seed(0)
     local = LocalSequential(build_model(model), K=K, context=context, backend=backend)
     g = torch.Generator().manual_seed(0)
@@ -94,7 +94,7 @@ def analyse(model: str, K: int, context: str, batch: int, backend: str, top: int
     local(x, y)  # warm-up
     for p in local.parameters():
         p.grad = None
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True, with_stack=True) as prof:
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True, with_stack=stack) as prof:
         local(x, y)
     peak, at, snapshot = live_at_peak(_allocations(prof))
     sites: Dict[tuple, List[int]] = defaultdict(lambda: [0, 0])
@@ -118,10 +118,12 @@ def main(argv=None) -> dict:
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--backend", default="torch", choices=["torch", "native", "triton"])
     p.add_argument("--top", type=int, default=15)
+    p.add_argument("--no-stack", action="store_true",
+                   help="no Python stacks (much faster on long steps; no source column)")
     p.add_argument("--json", default=None, help="write the result under bench/results/<name>.json")
     args = p.parse_args(argv)
     try:
-        res = analyse(args.model, args.K, args.context, args.batch, args.backend, args.top)
+        res = analyse(args.model, args.K, args.context, args.batch, args.backend, args.top, stack=not args.no_stack)
     except (ValueError, RuntimeError) as exc:
         p.exit(2, f"error: {exc}\n")
     print(f"{res['model']} K={res['K']} {res['context']} batch {res['batch']} backend {res['backend']}: "

@@ -7,9 +7,13 @@ For each model, on the same inputs: E2E eager, E2E with ``torch.utils.checkpoint
 same K segments, E2E ``torch.compile``, and LocalSequential for every K, context and
 available backend. A step is ``zero_grad`` + forward/backward (every local backward for
 LocalSequential) + ``SGD.step`` (momentum, Nesterov, foreach). Reported per configuration:
-median step time (CUDA events on GPU, ``perf_counter`` on CPU) after warm-up, images/s, peak
-memory (``torch.cuda.max_memory_allocated`` reset per configuration on GPU; saved-activation
-peak from saved-tensor hooks on CPU) and both as ratios to E2E eager. Writes
+median step time (CUDA events on GPU, ``perf_counter`` on CPU) after warm-up, images/s, and
+two memory peaks of one step, each also as a ratio to E2E eager: ``mem_MiB``, the *true*
+peak of all tensor allocations (:class:`contsup_fast.memory.AllocationPeak`:
+``torch.cuda.max_memory_allocated`` over the timed steps on GPU, the profiler's allocator
+events of one step on CPU; activation gradients, workspaces and the optimizer step's
+temporaries included, weights and optimizer state left out), and ``saved_MiB``, the peak of
+saved-for-backward bytes (saved-tensor hooks; not measurable for E2E checkpoint). Writes
 ``bench/results/train_step_<device>.json`` and a PNG plot of memory and throughput against K.
 """
 from __future__ import annotations
@@ -25,7 +29,7 @@ from torch.utils.checkpoint import checkpoint
 
 from contsup_fast import LocalSequential
 from contsup_fast.fused import available_backends
-from contsup_fast.memory import SavedTensorMeter
+from contsup_fast.memory import AllocationPeak, SavedTensorMeter
 from contsup_fast.models import build_model
 from contsup_fast.splitting import plan_split
 
@@ -83,19 +87,19 @@ def _measure(module: nn.Module, step: Callable, x, y, warmup: int, steps: int,
     dev = x.device
     if dev.type == "cuda":
         full()
-        torch.cuda.synchronize(dev)
-        torch.cuda.reset_peak_memory_stats(dev)
-        seconds = median_time(full, dev, warmup, steps)
-        mem = torch.cuda.max_memory_allocated(dev)
+        with AllocationPeak(dev) as true:
+            seconds = median_time(full, dev, warmup, steps)
     else:
         seconds = median_time(full, dev, warmup, steps)
-        weights = list(module.parameters()) + list(module.buffers())
-        with SavedTensorMeter(ignore=weights) as meter:
+        with AllocationPeak(dev) as true:
             full()
-        # checkpoint() keeps its recomputed activations behind hooks of its own, invisible here
-        mem = meter.peak if hooks_see_all else None
-    return {"step_ms": seconds * 1e3, "img_s": x.shape[0] / seconds,
-            "mem_MiB": None if mem is None else mem / 2**20}
+    weights = list(module.parameters()) + list(module.buffers())
+    with SavedTensorMeter(ignore=weights) as meter:
+        full()
+    # checkpoint() keeps its recomputed activations behind hooks of its own, invisible here
+    saved = meter.peak if hooks_see_all else None
+    return {"step_ms": seconds * 1e3, "img_s": x.shape[0] / seconds, "mem_MiB": true.peak / 2**20,
+            "saved_MiB": None if saved is None else saved / 2**20}
 
 
 def run(models: List[str], Ks: List[int], contexts: List[str], backends: List[str], device: torch.device,
@@ -135,7 +139,8 @@ def run(models: List[str], Ks: List[int], contexts: List[str], backends: List[st
                  **_measure(module, step, x, y, warmup, steps, hooks_see_all=method != "E2E checkpoint")}
             base = base or r
             r["speed_vs_e2e"] = r["img_s"] / base["img_s"]
-            r["mem_vs_e2e"] = None if r["mem_MiB"] is None else r["mem_MiB"] / base["mem_MiB"]
+            r["mem_vs_e2e"] = r["mem_MiB"] / base["mem_MiB"]
+            r["saved_vs_e2e"] = None if r["saved_MiB"] is None else r["saved_MiB"] / base["saved_MiB"]
             rows.append(r)
             print(format_table([r], list(r.keys())).splitlines()[-1], flush=True)
             del module, step
@@ -164,8 +169,7 @@ def plot(rows: List[dict], path) -> None:
         for i, (label, rs) in enumerate(series.items()):
             ks = [r["K"] for r in rs]
             style = dict(marker="o", label=label, color=f"C{i}")
-            if all(r["mem_vs_e2e"] is not None for r in rs):
-                axes[0][col].plot(ks, [r["mem_vs_e2e"] for r in rs], **style)
+            axes[0][col].plot(ks, [r["mem_vs_e2e"] for r in rs], **style)
             axes[1][col].plot(ks, [r["speed_vs_e2e"] for r in rs], **style)
         for row, key in ((0, "mem_vs_e2e"), (1, "speed_vs_e2e")):
             ax = axes[row][col]
@@ -175,7 +179,7 @@ def plot(rows: List[dict], path) -> None:
                 ax.axhline(comp[0][key], color="gray", lw=0.8, ls=":", label="E2E compile")
             ax.set_xscale("log", base=2)
             ax.set_xlabel("K (local modules)")
-            ax.set_ylabel("peak memory / E2E" if row == 0 else "images/s / E2E")
+            ax.set_ylabel("true peak memory / E2E" if row == 0 else "images/s / E2E")
             ax.set_title(f"{name}, batch {mine[0]['batch']}")
             ax.legend(fontsize=7)
     fig.tight_layout()
@@ -219,11 +223,12 @@ def main(argv=None) -> List[dict]:
     print(f"settings: {settings}", flush=True)
     rows = run(models, Ks, contexts, backends, device, amp, channels_last, compile_e2e, warmup, steps, args.batch)
     cols = ["model", "method", "K", "context", "backend", "batch", "step_ms", "img_s", "mem_MiB",
-            "speed_vs_e2e", "mem_vs_e2e"]
+            "speed_vs_e2e", "mem_vs_e2e", "saved_MiB", "saved_vs_e2e"]
     print()
     print(format_table(rows, cols))
-    mem_kind = ("torch.cuda.max_memory_allocated" if device.type == "cuda" else
-                "saved-activation peak (saved-tensor hooks; not measurable for E2E checkpoint on CPU)")
+    mem_kind = ("mem: true peak of all tensor allocations of a step (" +
+                ("torch.cuda.max_memory_allocated" if device.type == "cuda" else "profiler allocator events, CPU") +
+                "); saved: peak of saved-for-backward bytes (saved-tensor hooks; not measurable for E2E checkpoint)")
     print(f"memory: {mem_kind}")
     tag = f"train_step_{device.type}" + ("_quick" if quick else "")
     path = write_json(tag, {"environment": environment(device), "settings": settings,

@@ -23,6 +23,7 @@ ops: every backend (eager, Triton, C++/CUDA) supports it, and autograd gives ``g
 """
 from __future__ import annotations
 
+import contextlib
 import re
 from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
@@ -151,6 +152,11 @@ class ImageEncoder(nn.Module):
         pool -> add, and its batch statistics are folded into ``bn2``'s running buffers exactly
         as ``nn.BatchNorm2d`` does. Training and eval.
 
+        In training with autograd recording, neither the first convolution's output nor ``u`` is kept for
+        the backward (:class:`_RecomputedHidden`): both are recomputed from the image when the
+        backward needs them, so this term keeps only the image (alive anyway) and per-channel
+        statistics between forward and backward.
+
         Args:
             h: (N, C, H, W), with H_img = s*H and W_img = s*W for an integer s.
             x: (N, C_img, H_img, W_img) the normalised image.
@@ -158,13 +164,68 @@ class ImageEncoder(nn.Module):
             bn_weight, bn_bias: (C,) affine parameters of ``bn2`` to use instead of its own
                 (a caller may pass scaled ones); default ``bn2.weight``/``bn2.bias``.
         """
-        u = F.relu(self.bn1(self.conv1(x)))
         bn = self.bn2
-        out, mean, var = image_context(
-            h, u, self.conv2.weight, self.conv2.bias, bn.weight if bn_weight is None else bn_weight,
-            bn.bias if bn_bias is None else bn_bias, bn.running_mean, bn.running_var, bn.training, bn.eps)
+        # in training (not under tracing, where tensors have no storage to compare)
+        checkpointed = self.training and torch.is_grad_enabled() and not torch.compiler.is_compiling()
+        recompute = _RecomputedHidden(self, x) if checkpointed else contextlib.nullcontext()
+        with recompute:
+            t1 = self.conv1(x)
+            u = F.relu(self.bn1(t1))
+            out, mean, var = image_context(
+                h, u, self.conv2.weight, self.conv2.bias, bn.weight if bn_weight is None else bn_weight,
+                bn.bias if bn_bias is None else bn_bias, bn.running_mean, bn.running_var, bn.training, bn.eps)
+        if isinstance(recompute, _RecomputedHidden):
+            recompute.drop(t1=t1, u=u)
         update_running_stats(bn, mean, var, u.shape[0] * u.shape[2] * u.shape[3])
         return out
+
+
+class _RecomputedHidden(torch.autograd.graph.saved_tensors_hooks):
+    """Saved-tensor hooks for E's first half: what autograd saves of the first convolution's
+    output ``t1`` and of the hidden map ``u = relu(bn1(t1))`` is replaced, after the forward,
+    by a recipe, and recomputed from the image ``x`` (under the forward's autocast state) when
+    the backward unpacks it. Activation checkpointing of two (N, 12, H_img, W_img) tensors; the
+    recompute repeats the forward's own computation (batch statistics in training, running
+    statistics in eval), so the backward sees the same values.
+    """
+
+    def __init__(self, enc: "ImageEncoder", x: Tensor):
+        self.enc, self.x = enc, x
+        dev = x.device.type
+        self.autocast = (dev, torch.is_autocast_enabled(dev), torch.get_autocast_dtype(dev))
+        self.training = enc.bn1.training
+        self.holders: List[list] = []
+        super().__init__(self._pack, self._unpack)
+
+    def _pack(self, t: Tensor) -> list:
+        holder = [t, None]  # [tensor, or None and the name of the recipe]
+        self.holders.append(holder)
+        return holder
+
+    def _unpack(self, holder: list) -> Tensor:
+        t, kind = holder
+        return t if kind is None else self._recompute(kind)
+
+    def drop(self, **tensors: Tensor) -> None:
+        """Replace the saved copies of ``tensors`` (same storage, shape, strides and offset) by recipes."""
+        def key(t):
+            return (t.untyped_storage().data_ptr(), t.shape, t.stride(), t.storage_offset())
+        recipes = {key(t): name for name, t in tensors.items()}
+        for holder in self.holders:
+            name = recipes.get(key(holder[0])) if holder[1] is None else None
+            if name is not None:
+                holder[0], holder[1] = None, name
+        self.holders = []
+
+    def _recompute(self, kind: str) -> Tensor:
+        enc, (dev, enabled, dtype) = self.enc, self.autocast
+        with torch.no_grad(), torch.autocast(dev, dtype=dtype, enabled=enabled):
+            t1 = enc.conv1(self.x)
+            if kind == "t1":
+                return t1
+            bn = enc.bn1
+            mean, var = (None, None) if self.training else (bn.running_mean, bn.running_var)
+            return F.relu(F.batch_norm(t1, mean, var, bn.weight, bn.bias, self.training, 0.0, bn.eps))
 
 
 class ResidualEncoder(nn.Module):

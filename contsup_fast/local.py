@@ -370,6 +370,7 @@ class LocalSequential(nn.Module):
             released when this returns.
         """
         a = x if m.index == 0 else (m.context(h, inputs, x, backend) if m.context is not None else h)
+        del h  # with context terms a is a new tensor: module j-1's output can be freed now
         out = m.body(a)
         loss = None
         if y is not None:
@@ -401,9 +402,13 @@ class LocalSequential(nn.Module):
         keep = self.spec.n  # how many module inputs a_i later boundaries still read
         inputs: Dict[int, Tensor] = {}
         losses: List[Tensor] = []
-        h: Optional[Tensor] = None
+        # module j-1's output is handed to module_step through this list, so that no name here
+        # keeps it alive while module j runs (its boundary frees it once a_j is built)
+        carry: List[Optional[Tensor]] = [None]
         for m in self.local_modules:
-            h, a, loss = self.module_step(m, h, inputs, x, y, scaler, train, backend)
+            h, a, loss = self.module_step(m, carry.pop(), inputs, x, y, scaler, train, backend)
+            carry.append(h)
+            del h
             if train:
                 for hook in self._module_step_hooks.values():
                     hook(m)
@@ -416,7 +421,7 @@ class LocalSequential(nn.Module):
         if train and self.context_gate == "ramp":
             self.context_gate_step += 1
         loss_vec = torch.stack(losses) if losses else torch.empty(0, device=x.device)
-        return LocalOutput(logits=h, loss=loss_vec[-1] if losses else loss_vec, local_losses=loss_vec)
+        return LocalOutput(logits=carry[0], loss=loss_vec[-1] if losses else loss_vec, local_losses=loss_vec)
 
     # ------------------------------------------------------------------ export and summary
     def to_module(self) -> "ContSupInference":

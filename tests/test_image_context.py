@@ -3,7 +3,6 @@ import copy
 
 import pytest
 import torch
-from torch import nn
 
 from contsup_fast import LocalSequential
 from contsup_fast.context import BoundaryContext, ImageEncoder
@@ -200,3 +199,17 @@ def test_training_step_matches_the_eager_encoder_path(monkeypatch):
         monkeypatch.setattr(BoundaryContext, "_image_term",
                             lambda self, out, x, op: out + self.image(x, out.shape[-2:]))
         torch.testing.assert_close(got, eager(x), rtol=1e-4, atol=1e-5)
+
+
+def test_encoder_keeps_only_the_image_between_forward_and_backward():
+    """After E's forward, its graph holds neither the first convolution's output nor u (both
+    recomputed in backward), nor any full-resolution tensor of the second convolution."""
+    enc, _ = _encoder_pair(16)
+    g = torch.Generator().manual_seed(6)
+    x, h = torch.randn(8, 3, 16, 16, generator=g), torch.randn(8, 16, 4, 4, generator=g)
+    with AllocationPeak("cpu") as fwd:
+        out = enc.add_to(h, x, image_context_chunked)
+    hidden = 8 * 12 * 16 * 16 * 4  # one (N, 12, H_img, W_img) fp32 tensor
+    assert fwd.end - out.numel() * 4 < hidden / 4, (fwd.end, hidden)
+    out.sum().backward()
+    assert all(p.grad is not None for p in enc.parameters())

