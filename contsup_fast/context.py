@@ -339,8 +339,10 @@ class BoundaryContext(nn.Module):
 
     def _image_term(self, out: Tensor, x: Tensor, image_context: Callable, g=None) -> Tensor:
         """``out + g * E(x)``: the fused op when the image is an integer multiple s of the target
-        size (never materialising E's full-resolution second convolution), else the eager encoder."""
-        if _integer_scale(x, out):
+        size (never materialising E's full-resolution second convolution), else the eager encoder.
+        A BatchNorm converted to another class (``SyncBatchNorm`` under ``LocalDDP(sync_bn=True)``)
+        also takes the eager encoder, since the op computes per-process batch statistics."""
+        if _integer_scale(x, out) and type(self.image.bn2) is nn.BatchNorm2d:
             gamma, beta = _scaled_affine(self.image.bn2, g)
             return self.image.add_to(out, x, image_context, gamma, beta)
         return out + _scaled(self.image(x, out.shape[-2:]), g)
