@@ -242,8 +242,10 @@ def plot(p: Protocol, logs: Dict[str, Dict[int, dict]], summary: Dict[str, dict]
         ax.fill_between(eps, [min(v) for v in vals], [max(v) for v in vals], alpha=0.2)
     ax.set_xlabel("epoch")
     ax.set_ylabel("test accuracy (%)")
+    done = max((len(s["seeds_finished"]) for s in summary.values()), default=0)
     ax.set_title(f"{p.model}, K={p.K}, {p.subset or 'all'} train images, batch {p.batch_size}, "
-                 f"{len(p.seeds)} seeds\n(JPEG-lossy CIFAR-10 copy: not official numbers)", fontsize=9)
+                 f"seeds finished: up to {done} of {len(p.seeds)}\n"
+                 f"(JPEG-lossy CIFAR-10 copy: not official numbers)", fontsize=9)
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
