@@ -62,18 +62,12 @@ def cifar10_root() -> Path:
     return cache
 
 
-def _write_pickle(path, obj):
-    with open(path, "wb") as f:
-        pickle.dump(obj, f, protocol=2)
-
-
-@pytest.fixture(scope="module")
-def tiny_cifar(tmp_path_factory):
-    """A learnable synthetic CIFAR-10 in the official layout: 200 train, 100 test images whose
-    class sets the mean colour."""
-    root = tmp_path_factory.mktemp("tinycifar")
-    folder = root / "cifar-10-batches-py"
-    folder.mkdir()
+def write_tiny_cifar(root, per_batch: int = 40, n_test: int = 100) -> str:
+    """Write a learnable synthetic CIFAR-10 in the official python layout under ``root``:
+    5 training batches of ``per_batch`` and ``n_test`` test 32x32 images whose class sets the
+    mean colour. Returns ``root`` as a string."""
+    folder = Path(root) / "cifar-10-batches-py"
+    folder.mkdir(parents=True)
     rng = np.random.default_rng(0)
     palette = rng.integers(30, 225, (10, 3))
 
@@ -81,11 +75,16 @@ def tiny_cifar(tmp_path_factory):
         y = np.arange(n) % 10
         rng.shuffle(y)
         x = palette[y][:, :, None, None] + rng.normal(0, 25, (n, 3, 32, 32))
-        return np.clip(x, 0, 255).astype(np.uint8).reshape(n, 3072), y
+        return {b"data": np.clip(x, 0, 255).astype(np.uint8).reshape(n, 3072), b"labels": y.tolist()}
 
-    for b in range(1, 6):
-        x, y = make(40)
-        _write_pickle(folder / f"data_batch_{b}", {b"data": x, b"labels": y.tolist()})
-    x, y = make(100)
-    _write_pickle(folder / "test_batch", {b"data": x, b"labels": y.tolist()})
+    for name, n in [(f"data_batch_{b}", per_batch) for b in range(1, 6)] + [("test_batch", n_test)]:
+        with open(folder / name, "wb") as f:
+            pickle.dump(make(n), f, protocol=2)
     return str(root)
+
+
+@pytest.fixture(scope="module")
+def tiny_cifar(tmp_path_factory):
+    """A learnable synthetic CIFAR-10 in the official layout: 200 train, 100 test images whose
+    class sets the mean colour."""
+    return write_tiny_cifar(tmp_path_factory.mktemp("tinycifar"), per_batch=40, n_test=100)

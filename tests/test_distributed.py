@@ -15,6 +15,7 @@ import torch
 
 from contsup_fast import LocalSequential
 from contsup_fast import distributed as D
+from conftest import write_tiny_cifar
 from contsup_fast.models import build_model
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -114,28 +115,6 @@ def test_balance_stages_minimises_the_largest_stage():
 
 
 # ------------------------------------------------------------------------------ training CLI
-def _write_tiny_cifar(root):
-    """80 train / 40 test 32x32 images in the CIFAR-10 python layout; the class sets the colour."""
-    import pickle
-
-    import numpy as np
-    folder = root / "cifar-10-batches-py"
-    folder.mkdir(parents=True)
-    rng = np.random.default_rng(0)
-    palette = rng.integers(30, 225, (10, 3))
-
-    def make(n):
-        y = np.arange(n) % 10
-        rng.shuffle(y)
-        x = palette[y][:, :, None, None] + rng.normal(0, 25, (n, 3, 32, 32))
-        return {b"data": np.clip(x, 0, 255).astype(np.uint8).reshape(n, 3072), b"labels": y.tolist()}
-
-    for name, n in [(f"data_batch_{b}", 16) for b in range(1, 6)] + [("test_batch", 40)]:
-        with open(folder / name, "wb") as f:
-            pickle.dump(make(n), f, protocol=2)
-    return str(root)
-
-
 @pytest.mark.filterwarnings("ignore:.*differs from the official release")
 def test_cli_resume_is_exact_in_data_and_pipeline_mode(tmp_path):
     """Under the torchrun environment: a SIGTERM on one rank mid-epoch stops both ranks at the
@@ -143,7 +122,7 @@ def test_cli_resume_is_exact_in_data_and_pipeline_mode(tmp_path):
     equals a single-process run, bit for bit."""
     from contsup_fast import train as T
     from contsup_fast.checkpoint import load_checkpoint
-    data = _write_tiny_cifar(tmp_path / "cifar")
+    data = write_tiny_cifar(tmp_path / "cifar", per_batch=16, n_test=40)
     ports = ",".join(str(free_port()) for _ in range(6))
     run_case("cli", 2, timeout=300, CONTSUP_TEST_PORTS=ports, CONTSUP_TEST_OUT=str(tmp_path),
              CONTSUP_TEST_DATA=data)
@@ -171,7 +150,7 @@ def test_cli_resume_is_exact_in_data_and_pipeline_mode(tmp_path):
 def test_resume_on_another_world_size_is_refused_in_one_line(tmp_path, monkeypatch, capsys):
     from contsup_fast import train as T
     from contsup_fast.checkpoint import save_checkpoint
-    data = _write_tiny_cifar(tmp_path / "cifar")
+    data = write_tiny_cifar(tmp_path / "cifar", per_batch=16, n_test=40)
     args = vars(T.build_parser().parse_args(["--data-dir", data, "--parallel", "data",
                                               "--out", str(tmp_path / "r")]))
     save_checkpoint({"args": args, "parallel": "data", "world_size": 2, "epoch": 1},
