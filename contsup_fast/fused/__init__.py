@@ -117,5 +117,4 @@ def resolve_backend(name: str, device: torch.device | str = "cpu"):
         bn_relu_gap=mod.bn_relu_gap,
         global_avg_pool=mod.global_avg_pool,
         image_context=getattr(mod, "image_context", image_context_chunked),
-        image_context_tail_backward=getattr(mod, "image_context_tail_backward", None),
     )
