@@ -328,6 +328,12 @@ class LocalSequential(nn.Module):
             if not torch.is_grad_enabled():
                 raise RuntimeError("a training step runs each local backward itself and cannot run under "
                                    "torch.no_grad(); call local.eval() for inference")
+            if getattr(nn.parallel.DistributedDataParallel, "_active_ddp_module", None) is not None:
+                # DDP over a container that holds this model: the wrap-time refusal above never
+                # ran, so refuse on the first training call, before any gradient is computed
+                raise RuntimeError("DistributedDataParallel cannot wrap a model containing a LocalSequential "
+                                   "(its local backwards run inside forward, so DDP would not average "
+                                   "the first step's gradients); use contsup_fast.distributed.LocalDDP(local)")
             return self._run(x.detach(), y, scaler, train=True)
         if y is None:
             return self._run(x, None, None, train=False).logits

@@ -105,7 +105,29 @@ def case_ddp(info):
         assert "LocalDDP" in str(exc), exc
     else:
         raise AssertionError("DistributedDataParallel(LocalSequential) was not refused")
+    # ... and so is DDP over a container holding one, on its first training call
+    container = _Holder(make_local("R0"))
+    x, y = batch(3)
+    wrapped = torch.nn.parallel.DistributedDataParallel(container)
+    try:
+        wrapped(x, y)
+    except RuntimeError as exc:
+        assert "LocalDDP" in str(exc), exc
+    else:
+        raise AssertionError("DistributedDataParallel(container of LocalSequential) was not refused")
+    assert all(p.grad is None for p in container.parameters()), "refused before any gradient"
     case_sync_bn(info)  # same two processes: one interpreter start-up less
+
+
+class _Holder(torch.nn.Module):
+    """A user's container around a LocalSequential (what plain DDP must not be put over)."""
+
+    def __init__(self, local):
+        super().__init__()
+        self.local = local
+
+    def forward(self, x, y):
+        return self.local(x, y)
 
 
 def case_sync_bn(info):
