@@ -349,9 +349,14 @@ def residual_context(
     rvs = [v if v is not None else like.new_ones(C) for v in running_vars]
     out, means, vars_, _moments = _ops.residual_context(
         h, cs, weights, bs, gs, betas, rms, rvs, bool(training), float(eps))
-    if training:
-        return out, list(means.unbind(0)), list(vars_.unbind(0))
-    return out, list(running_means), list(running_vars)
+    return (out, *_returned_stats(training, list(means.unbind(0)), list(vars_.unbind(0)),
+                                  list(running_means), list(running_vars)))
+
+
+def _returned_stats(training, batch_mean, batch_var, running_mean, running_var):
+    """The statistics every op here returns: in training the batch statistics it computed, in
+    eval the running buffers it was given (as ``nn.BatchNorm2d`` uses them)."""
+    return (batch_mean, batch_var) if training else (running_mean, running_var)
 
 
 def _bn_params(bn_weight, bn_bias, running_mean, running_var, training, C, like, fn):
@@ -372,9 +377,7 @@ def _bn_fused(op, lead, z, bn_weight, bn_bias, running_mean, running_var, traini
     like = bn_weight if bn_weight is not None else z
     g, b, rm, rv = _bn_params(bn_weight, bn_bias, running_mean, running_var, training, C, like, fn)
     res, mean, var = op(*lead, z, g, b, rm, rv, bool(training), float(eps))
-    if training:
-        return res, mean, var
-    return res, running_mean, running_var
+    return (res, *_returned_stats(training, mean, var, running_mean, running_var))
 
 
 def image_context_tail(
@@ -515,9 +518,7 @@ def image_context(
     g, beta, rm, rv = _bn_params(bn_weight, bn_bias, running_mean, running_var, training, C, like,
                                  "image_context")
     out, mean, var, _moments = _ops.image_context(h, u, weight, b, g, beta, rm, rv, bool(training), float(eps))
-    if training:
-        return out, mean, var
-    return out, running_mean, running_var
+    return (out, *_returned_stats(training, mean, var, running_mean, running_var))
 
 
 def image_context_backward(
