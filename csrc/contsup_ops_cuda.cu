@@ -962,6 +962,20 @@ inline int64_t tiled_pblocks(int64_t P, int64_t tiles, int64_t partial_elems_per
   return std::max<int64_t>(pb, 1);
 }
 
+// The pixel partition of a tiled reduction over P pixels with `tiles` output tiles: grid
+// (tiles, pblocks), each y-block reducing `chunk` consecutive pixels into its own slice of a
+// (pblocks, ...) partial buffer that the host then sums over dim 0.
+struct PixelPartition {
+  int64_t chunk, pblocks;
+};
+
+inline PixelPartition tiled_partition(int64_t P, int64_t tiles, int64_t partial_elems_per_block, const char* what) {
+  const int64_t chunk = ceil_div(P, tiled_pblocks(P, tiles, partial_elems_per_block));
+  const int64_t pblocks = ceil_div(P, chunk);
+  TORCH_CHECK(pblocks <= 65535 && tiles <= INT32_MAX, "contsup: ", what, " too large for the CUDA kernel");
+  return {chunk, pblocks};
+}
+
 inline at::ScalarType acc_of(const Tensor& x) {
   return x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
 }
@@ -1051,10 +1065,8 @@ Tensor comoment(const Tensor& c, const Tensor& mean) {
   const View4 cv = view4(c);
   const int64_t Cr = cv.C, P = cv.N * cv.H * cv.W;
   const int64_t ntile = ceil_div(Cr, TI);
-  const int64_t pb = tiled_pblocks(P, ntile * ntile, Cr * Cr);
-  const int64_t chunk = ceil_div(P, pb);
-  const int64_t pblocks = ceil_div(P, chunk);
-  TORCH_CHECK(pblocks <= 65535 && ntile * ntile <= INT32_MAX, "contsup: context too large for the CUDA comoment kernel");
+  const PixelPartition part = tiled_partition(P, ntile * ntile, Cr * Cr, "context (comoment)");
+  const int64_t chunk = part.chunk, pblocks = part.pblocks;
   Tensor partial = at::empty({pblocks, Cr, Cr}, c.options().dtype(acc_of(c)));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, c.scalar_type(), "contsup_comoment_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
@@ -1092,10 +1104,8 @@ std::tuple<Tensor, Tensor> residual_bwd_sums(const Tensor& grad, const Tensor& c
   const int64_t Cr = cv.C, C = gv.C, P = cv.N * cv.H * cv.W;
   const int64_t sh = cv.H / gv.H, sw = cv.W / gv.W;
   const int64_t ktiles = ceil_div(C, TK), jtiles = ceil_div(Cr, TI);
-  const int64_t pb = tiled_pblocks(P, ktiles * jtiles, C * Cr);
-  const int64_t chunk = ceil_div(P, pb);
-  const int64_t pblocks = ceil_div(P, chunk);
-  TORCH_CHECK(pblocks <= 65535 && ktiles * jtiles <= INT32_MAX, "contsup: problem too large for the CUDA kernel");
+  const PixelPartition part = tiled_partition(P, ktiles * jtiles, C * Cr, "context (residual backward)");
+  const int64_t chunk = part.chunk, pblocks = part.pblocks;
   const auto opts = c.options().dtype(acc_of(c));
   Tensor Gp = at::empty({pblocks, C, Cr}, opts);
   Tensor Sp = at::empty({pblocks, C}, opts);
@@ -1136,10 +1146,8 @@ Tensor patch_comoment(const Tensor& u, const Tensor& mean) {
   const View4 v = view4(u);
   const int64_t K = 9 * v.C, P = v.N * v.H * v.W;
   const int64_t ntile = ceil_div(K, TI);
-  const int64_t pb = tiled_pblocks(P, ntile * ntile, K * K);
-  const int64_t chunk = ceil_div(P, pb);
-  const int64_t pblocks = ceil_div(P, chunk);
-  TORCH_CHECK(pblocks <= 65535 && ntile * ntile <= INT32_MAX, "contsup: u too large for the CUDA patch co-moment kernel");
+  const PixelPartition part = tiled_partition(P, ntile * ntile, K * K, "u (patch co-moment)");
+  const int64_t chunk = part.chunk, pblocks = part.pblocks;
   Tensor partial = at::empty({pblocks, K, K}, u.options().dtype(acc_of(u)));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, u.scalar_type(), "contsup_patch_comoment_cuda", [&] {
     using acc_t = at::opmath_type<scalar_t>;
@@ -1178,10 +1186,8 @@ std::tuple<Tensor, Tensor> image_bwd_sums(const Tensor& grad, const Tensor& u, c
   const int64_t K = 9 * uv.C, C = gv.C, P = uv.N * uv.H * uv.W;
   const int64_t sh = uv.H / gv.H, sw = uv.W / gv.W;
   const int64_t ktiles = ceil_div(C, TK), jtiles = ceil_div(K, TI);
-  const int64_t pb = tiled_pblocks(P, ktiles * jtiles, C * K);
-  const int64_t chunk = ceil_div(P, pb);
-  const int64_t pblocks = ceil_div(P, chunk);
-  TORCH_CHECK(pblocks <= 65535 && ktiles * jtiles <= INT32_MAX, "contsup: problem too large for the CUDA kernel");
+  const PixelPartition part = tiled_partition(P, ktiles * jtiles, C * K, "u (image-context backward)");
+  const int64_t chunk = part.chunk, pblocks = part.pblocks;
   const auto opts = u.options().dtype(acc_of(u));
   Tensor Gp = at::empty({pblocks, C, K}, opts);
   Tensor Sp = at::empty({pblocks, C}, opts);
