@@ -783,6 +783,38 @@ class LocalPipeline:
                 "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None,
                 "scaler": self.scaler.state_dict() if self.scaler is not None else None}
 
+    def gather_state_dict(self, dst: int = 0) -> Optional[Dict[str, Tensor]]:
+        """Collective (call on every process): the whole model's ``local.state_dict()``
+        assembled on stage ``dst`` from every stage's modules, as CPU tensors in
+        ``state_dict`` order, ready for ``LocalSequential.load_state_dict`` in any parallel
+        mode (or none); None on the other stages. Keys outside the local modules (the ramp
+        gate's step counter) are stage ``dst``'s, equal on every stage. One ``gather_object``
+        on the control group; parameters, not optimizer state.
+
+        Raises:
+            ValueError: ``dst`` is not a stage index.
+            DeadRankError: a stage died during the gather (named).
+        """
+        if not isinstance(dst, int) or isinstance(dst, bool) or not 0 <= dst < self.num_stages:
+            raise ValueError(f"LocalPipeline.gather_state_dict: dst must be a stage index in "
+                             f"[0, {self.num_stages}), got {dst!r}")
+        mine = {k: v.detach().cpu() for k, v in self.state_dict()["model"].items()}
+        parts = [None] * self.num_stages if self.stage == dst else None
+        try:
+            dist.gather_object(mine, parts, dst=self._ranks[dst], group=self._ctrl)
+        except Exception as exc:
+            raise comm_failure(exc, "the model gather") from exc
+        if self.stage != dst:
+            return None
+        full = self.local.state_dict()
+        merged = {k: v.detach().cpu() for k, v in full.items() if not k.startswith("local_modules.")}
+        for part in parts:
+            merged.update(part)
+        missing = [k for k in full if k not in merged]
+        if missing:  # a stage sent fewer modules than its placement says: never expected
+            raise RuntimeError(f"LocalPipeline.gather_state_dict: no stage sent {missing[:3]}")
+        return {k: merged[k] for k in full}
+
     def load_state_dict(self, state: Dict[str, object]) -> None:
         """Restore :meth:`state_dict` of the same stage of the same placement.
 

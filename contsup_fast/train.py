@@ -705,7 +705,9 @@ def _stage_file(out_dir: str, stage: int, stages: int) -> str:
 
 class _PipelineTrainer:
     """One stage of a :class:`~contsup_fast.distributed.LocalPipeline` with its own optimizer
-    and LR schedule; checkpoints are one file per stage plus rank 0's run checkpoint."""
+    and LR schedule. A checkpoint is one file per stage (its modules, optimizer, scheduler and
+    RNG: what resuming reads) plus rank 0's run checkpoint, which also holds the whole model's
+    ``state_dict`` under ``"model"`` (gathered from the stages) as in the other modes."""
 
     def __init__(self, local, args, par: _Parallel, opt_factory, sched_factory, autocast):
         from .distributed import LocalPipeline
@@ -765,9 +767,10 @@ class _PipelineTrainer:
         save_id = [state["epoch"], state["batch"]]
         save_checkpoint({"pipeline": pipe.state_dict(), "rng": get_rng_state(), "save_id": save_id},
                         _stage_file(out_dir, pipe.stage, pipe.num_stages))
+        model = pipe.gather_state_dict(dst=0)  # the whole model in rank 0's run checkpoint
         par.barrier()
         if par.is_main:
-            state.update(model=None, optimizer=None, scheduler=None, scaler=None,
+            state.update(model=model, optimizer=None, scheduler=None, scaler=None,
                          stages=list(pipe.counts), save_id=save_id,
                          stage_files=[os.path.basename(_stage_file(out_dir, s, pipe.num_stages))
                                       for s in range(pipe.num_stages)])

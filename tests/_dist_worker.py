@@ -205,7 +205,14 @@ def case_pipeline(info):
         ref_sd = {k: v for k, v in ref.state_dict().items() if k in mine}
         assert len(mine) > 0 and len(ref_sd) == len(mine)
         assert_equal(mine, ref_sd, f"pipeline {context} parameters after 3 steps")
-        # evaluation streams through the pipeline; the last stage returns the logits
+        # the whole model gathers on stage 0 (any stage may be dst), equal to the reference's
+        for dst in (0, world - 1):
+            full = pipe.gather_state_dict(dst=dst)
+            if rank == dst:
+                assert list(full) == list(ref.state_dict()), "gathered keys in state_dict order"
+                assert_equal(full, ref.state_dict(), f"gathered model {context} on stage {dst}")
+            else:
+                assert full is None, "only dst gets the model"
         pipe.eval()
         ref.eval()
         xs = [batch(90 + s)[0] for s in range(2)]
@@ -225,6 +232,12 @@ def case_pipeline(info):
         fresh.load_state_dict(pipe.state_dict())
         assert_equal(fresh.state_dict()["model"], mine, "stage state round trip")
 
+    try:
+        pipe.gather_state_dict(dst=world)
+    except ValueError as exc:
+        assert "dst" in str(exc), exc
+    else:
+        raise AssertionError("gather_state_dict(dst=world) was accepted")
     # more stages than modules, and stage lists that do not fit
     for stages, K, word in ((None, 2, "stages"), ([1, 1], 4, "stages"), ([1, 1, 1], 4, "sums to")):
         try:

@@ -145,6 +145,9 @@ def test_cli_resume_is_exact_in_data_and_pipeline_mode(tmp_path):
             assert torch.equal(v, ref[k]), k
             seen += 1
     assert seen == len(ref)
+    assert list(ck["model"]) == list(ref), "the run checkpoint holds the whole model"
+    for k, v in ck["model"].items():
+        assert torch.equal(v, ref[k]), k
 
 
 def test_resume_on_another_world_size_is_refused_in_one_line(tmp_path, monkeypatch, capsys):
