@@ -227,8 +227,13 @@ def measure_step(local: nn.Module, x: Tensor, y: Tensor) -> StepMemory:
 
 
 def memory_table(models: List[str], Ks: List[int], contexts: List[str], batch: int, device: str,
-                 backend: str = "torch", seed: int = 0, warmup: int = 1) -> List[dict]:
+                 backend: str = "torch", seed: int = 0, warmup: int = 1,
+                 split: Optional[str] = None) -> List[dict]:
     """Measure E2E and every (model, K, context) once; return rows with ratios to E2E.
+
+    ``split`` is :class:`~contsup_fast.LocalSequential`'s: None (the paper's equal-layer
+    preset where one exists) or ``"balanced"`` (the paper's memory-balanced preset, else the
+    split minimising the largest local module's saved activations).
 
     Each configuration runs ``warmup`` unmeasured training steps first (one-time allocations
     of the first call are not part of a step's peak), then one measured step. Rows hold the
@@ -245,7 +250,8 @@ def memory_table(models: List[str], Ks: List[int], contexts: List[str], batch: i
         e2e = None
         for K, context in [(1, "R0")] + [(K, c) for K in Ks for c in contexts]:
             torch.manual_seed(seed)
-            local = LocalSequential(build_model(name), K=K, context=context, backend=backend).to(device)
+            local = LocalSequential(build_model(name), K=K, context=context, backend=backend,
+                                    split=split if K > 1 else None).to(device)
             for _ in range(warmup):
                 local(x, y)
             mem = measure_step(local, x, y)
@@ -254,6 +260,7 @@ def memory_table(models: List[str], Ks: List[int], contexts: List[str], batch: i
             rows.append({
                 "model": name, "K": K, "context": "E2E" if K == 1 else context,
                 "backend": local.backend_for(x.device).name, "batch": batch,
+                "split": local.split_source if K > 1 else "-",
                 "saved_peak_MiB": mem.saved_peak / 2**20,
                 "saved_ratio": mem.saved_peak / e2e.saved_peak,
                 "true_peak_MiB": mem.true_peak / 2**20,
@@ -322,10 +329,11 @@ def format_table(rows: List[dict]) -> str:
                    f"{r['true_vs_contsup']:.2f}x"] for r in rows]
         widths = [max(len(line[i]) for line in lines) for i in range(len(lines[0]))]
         return "\n".join("  ".join(c.rjust(w) for c, w in zip(line, widths)) for line in lines)
-    head = ["model", "K", "context", "backend", "saved MiB", "vs E2E", "true MiB", "vs E2E"]
+    head = ["model", "K", "context", "split", "backend", "saved MiB", "vs E2E", "true MiB", "vs E2E"]
     lines = [head]
     for r in rows:
-        lines.append([r["model"], str(r["K"]), r["context"], r["backend"], f"{r['saved_peak_MiB']:.1f}",
+        lines.append([r["model"], str(r["K"]), r["context"], r.get("split", "-"), r["backend"],
+                      f"{r['saved_peak_MiB']:.1f}",
                       f"{r['saved_ratio']:.1%}", f"{r['true_peak_MiB']:.1f}", f"{r['true_ratio']:.1%}"])
     widths = [max(len(line[i]) for line in lines) for i in range(len(head))]
     return "\n".join("  ".join(c.rjust(w) for c, w in zip(line, widths)) for line in lines)
@@ -347,6 +355,9 @@ def main(argv: Optional[List[str]] = None) -> List[dict]:
     p.add_argument("--backend", default="torch", choices=["auto", "torch", "triton", "native"])
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--warmup", type=int, default=1, help="unmeasured steps before the measured one")
+    p.add_argument("--split", default="paper", choices=["paper", "balanced"],
+                   help="paper: the paper's equal-layer preset (LocalSequential's default); balanced: "
+                        "the paper's memory-balanced preset, else the smallest largest-module activations")
     p.add_argument("--json", default=None, help="write the rows, versions and settings here")
     p.add_argument("--methods", action="store_true",
                    help="instead: each local-learning method (ContSup, DGL, AugLocal, GN-DGL) at the last --K")
@@ -356,7 +367,8 @@ def main(argv: Optional[List[str]] = None) -> List[dict]:
             rows = method_table(args.models, args.K[-1], args.batch, args.device, args.backend)
         else:
             rows = memory_table(args.models, args.K, args.contexts, args.batch, args.device,
-                                args.backend, warmup=args.warmup)
+                                args.backend, warmup=args.warmup,
+                                split=None if args.split == "paper" else args.split)
     except (ValueError, RuntimeError) as exc:  # bad model/K/context/backend: one line, no traceback
         p.exit(2, f"error: {exc}\n")
     print(format_table(rows))
