@@ -14,12 +14,31 @@ if not FUSED:
                 allow_module_level=True)
 
 
-def _pair(backend, make=resnet20, K=4, context="R1E", aux="1c2f", seed=0):
+def _pair(backend, make=resnet20, K=4, context="R1E", aux="1c2f", seed=0, gate=None):
+    """The torch-backend model and a copy on ``backend``. The paper's form (no gate) unless
+    ``gate`` is given: in fp32 a small learned gate (0.1) leaves pre-ReLU values near zero whose
+    sign may differ between backends' roundings, so gated models are compared in float64."""
     torch.manual_seed(seed)
-    ref = LocalSequential(make(), K=K, context=context, aux=aux, backend="torch")
-    fused = LocalSequential(make(), K=K, context=context, aux=aux, backend=backend)
+    ref = LocalSequential(make(), K=K, context=context, aux=aux, backend="torch", context_gate=gate)
+    fused = LocalSequential(make(), K=K, context=context, aux=aux, backend=backend, context_gate=gate)
     fused.load_state_dict(ref.state_dict())
     return ref, fused
+
+
+@pytest.mark.parametrize("backend", [b for b in FUSED if b == "native"])
+def test_learned_gate_training_step_matches_torch_backend_in_float64(backend):
+    ref, fused = _pair(backend, context="R1E", gate="learned")
+    ref, fused = ref.double(), fused.double()
+    g = torch.Generator().manual_seed(3)
+    x, y = torch.randn(6, 3, 32, 32, generator=g, dtype=torch.float64), torch.randint(0, 10, (6,), generator=g)
+    a, b = ref(x, y), fused(x, y)
+    torch.testing.assert_close(b.local_losses, a.local_losses, rtol=1e-10, atol=1e-12)
+    grads = [(k, p.grad, q.grad) for (k, p), (_, q) in zip(ref.named_parameters(), fused.named_parameters())]
+    assert any(k.endswith("context.gate") and p is not None for k, p, _ in grads)
+    for k, p, q in grads:
+        assert (p is None) == (q is None), k
+        if p is not None:
+            torch.testing.assert_close(q, p, rtol=1e-9, atol=1e-12, msg=k)
 
 
 TOL = dict(rtol=2e-3, atol=2e-4)
