@@ -214,14 +214,19 @@ def summarize(p: Protocol, logs: Dict[str, Dict[int, dict]]) -> Dict[str, dict]:
 
 
 def table(summary: Dict[str, dict]) -> str:
-    """Text table: test accuracy (mean ± half-range over seeds) at each evaluated epoch."""
+    """Text table: test accuracy (mean ± half-range over seeds) at each evaluated epoch; a
+    cell over another number of seeds than the row's finished ones (a run still going) says
+    how many, e.g. ``51.17±0.40 (n=2)``."""
     epochs = sorted({ep for s in summary.values() for ep in s["test_acc"]})
     rows = []
     for variant, s in summary.items():
-        row = {"variant": variant, "seeds": len(s["seeds_finished"])}
+        done = len(s["seeds_finished"])
+        row = {"variant": variant, "seeds": done}
         for ep in epochs:
             a = s["test_acc"].get(ep)
-            row[f"ep{ep}"] = f"{a['mean']:.2f}±{a['spread']:.2f}" if a else None
+            n = len(a["seeds"]) if a else 0
+            row[f"ep{ep}"] = (f"{a['mean']:.2f}±{a['spread']:.2f}" + (f" (n={n})" if n != done else "")
+                              if a else None)
         loss = s["first_epoch_last_module_loss"]
         row["ep1 last loss"] = f"{loss:.2f}" if loss is not None else None
         rows.append(row)
