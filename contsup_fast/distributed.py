@@ -775,13 +775,16 @@ class LocalPipeline:
     def state_dict(self) -> Dict[str, object]:
         """This stage's modules (``local.state_dict()`` keys of its modules), optimizer,
         scheduler and grad scaler states."""
-        prefix = tuple(f"local_modules.{j}." for j in range(self.start, self.stop))
-        model = {k: v for k, v in self.local.state_dict().items() if k.startswith(prefix)}
         return {"stage": self.stage, "num_stages": self.num_stages, "counts": list(self.counts),
-                "model": model,
+                "model": self._stage_model(self.local.state_dict()),
                 "optimizer": self.optimizer.state_dict() if self.optimizer is not None else None,
                 "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None,
                 "scaler": self.scaler.state_dict() if self.scaler is not None else None}
+
+    def _stage_model(self, full: Dict[str, Tensor]) -> Dict[str, Tensor]:
+        """The entries of ``full`` (a ``local.state_dict()``) that belong to this stage's modules."""
+        prefix = tuple(f"local_modules.{j}." for j in range(self.start, self.stop))
+        return {k: v for k, v in full.items() if k.startswith(prefix)}
 
     def gather_state_dict(self, dst: int = 0) -> Optional[Dict[str, Tensor]]:
         """Collective (call on every process): the whole model's ``local.state_dict()``
@@ -798,7 +801,8 @@ class LocalPipeline:
         if not isinstance(dst, int) or isinstance(dst, bool) or not 0 <= dst < self.num_stages:
             raise ValueError(f"LocalPipeline.gather_state_dict: dst must be a stage index in "
                              f"[0, {self.num_stages}), got {dst!r}")
-        mine = {k: v.detach().cpu() for k, v in self.state_dict()["model"].items()}
+        full = self.local.state_dict()
+        mine = {k: v.detach().cpu() for k, v in self._stage_model(full).items()}
         parts = [None] * self.num_stages if self.stage == dst else None
         try:
             dist.gather_object(mine, parts, dst=self._ranks[dst], group=self._ctrl)
@@ -806,7 +810,6 @@ class LocalPipeline:
             raise comm_failure(exc, "the model gather") from exc
         if self.stage != dst:
             return None
-        full = self.local.state_dict()
         merged = {k: v.detach().cpu() for k, v in full.items() if not k.startswith("local_modules.")}
         for part in parts:
             merged.update(part)
