@@ -44,3 +44,16 @@ def test_unknown_variant_is_refused(tiny_cifar, tmp_path):
     with pytest.raises(SystemExit, match="--variants"):
         A.main(["--preset", "smoke", "--data-dir", tiny_cifar, "--variants", "R9",
                 "--runs", str(tmp_path), "--out", str(tmp_path)])
+
+
+def test_table_says_how_many_seeds_a_cell_holds_when_a_run_is_still_going():
+    """A running seed's early epochs enter the means: such a cell names its seed count."""
+    def ep(n, acc):  # the fields of a log.json epoch record that summarize reads
+        return {"epoch": n, "test_acc": acc, "step_losses": [2.0], "images_per_s": 1.0, "peak_mem_mib": 1.0}
+    logs = {"R1E": {0: {"epochs": [ep(3, 20.0), ep(6, 40.0)], "final": {"final_test_acc": 40.0}},
+                    1: {"epochs": [ep(3, 30.0)]}}}
+    text = A.table(A.summarize(A.PRESETS["smoke"], logs))
+    row = text.splitlines()[-1].split()
+    assert row[:2] == ["R1E", "1"]  # one seed finished
+    assert "25.00±5.00" in row and "(n=2)" in row  # epoch 3: both seeds, marked
+    assert "40.00±0.00" in row and row.count("(n=2)") == 1  # epoch 6: the finished seed only

@@ -16,8 +16,9 @@ if not FUSED:
 
 def _pair(backend, make=resnet20, K=4, context="R1E", aux="1c2f", seed=0, gate=None):
     """The torch-backend model and a copy on ``backend``. The paper's form (no gate) unless
-    ``gate`` is given: in fp32 a small learned gate (0.1) leaves pre-ReLU values near zero whose
-    sign may differ between backends' roundings, so gated models are compared in float64."""
+    ``gate`` is given. Gated models are compared in float64: with a learned gate at 0.1, R1E's
+    fp32 rounding differences between backends grew to 1% of a body convolution's largest
+    gradient (resnet20 K=4, measured), while float64 agrees to 1e-16."""
     torch.manual_seed(seed)
     ref = LocalSequential(make(), K=K, context=context, aux=aux, backend="torch", context_gate=gate)
     fused = LocalSequential(make(), K=K, context=context, aux=aux, backend=backend, context_gate=gate)

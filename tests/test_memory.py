@@ -76,6 +76,10 @@ def test_memory_command_prints_the_table(capsys, tmp_path):
     assert "E2E" in text and "R1E" in text and "true MiB" in text and (tmp_path / "m.json").exists()
     assert rows[0]["saved_ratio"] == 1.0 and rows[0]["true_ratio"] == 1.0 and len(rows) == 3
     assert all(r["true_peak_MiB"] >= r["saved_peak_MiB"] for r in rows)
+    assert [r["split"] for r in rows] == ["-", "paper preset", "paper preset"] and "split" in text
+    balanced = main(["--models", "resnet32", "--K", "2", "--contexts", "R0", "--batch", "2", "--warmup", "0",
+                     "--split", "balanced"])
+    assert balanced[1]["split"] == "paper memory-balanced preset"
 
 
 def test_memory_command_bad_model_is_one_line(capsys):
