@@ -83,7 +83,8 @@ PRESETS: Dict[str, Protocol] = {
         # each R1E row costs about 70 min of one core here
         variants={"E2E": _E2E, "R0": ["--context", "R0"],
                   "R1E": ["--context", "R1E", "--context-gate", "none"],
-                  "R1E learned": ["--context", "R1E", "--context-gate", "learned"]}),
+                  "R1E learned": ["--context", "R1E", "--context-gate", "learned"],
+                  "R1E mean-last": ["--context", "R1E", "--context-mean", "last"]}),
     "gpu": Protocol(
         name="gpu", model="resnet32", K=16, epochs=160, subset=None, seeds=[0],
         batch_size=1024, lr=0.8, warmup_epochs=10, eval_every=5,
@@ -92,6 +93,7 @@ PRESETS: Dict[str, Protocol] = {
                   "R1": ["--context", "R1"], "R1E": ["--context", "R1E"],
                   "R1E ramp": ["--context", "R1E", "--context-gate", "ramp"],
                   "R1E learned": ["--context", "R1E", "--context-gate", "learned"],
+                  "R1E mean-last": ["--context", "R1E", "--context-mean", "last"],
                   "R1E supcon": ["--context", "R1E", "--loss", "supcon"]}),
     "smoke": Protocol(
         name="smoke", model="resnet20", K=4, epochs=2, subset=64, seeds=[0, 1],

@@ -20,6 +20,19 @@ form. Since every term ends in BN -> ReLU and ``g * relu(bn(z)) = relu(bn_{g*gam
 for ``g >= 0``, the scale is applied by passing ``g * gamma`` and ``g * beta`` to the boundary
 ops: every backend (eager, Triton, C++/CUDA) supports it, and autograd gives ``g`` and
 ``gamma, beta`` their exact gradients, with no kernel change.
+
+Context mean (an option of this library, not of the paper; see :data:`MEANS`): a boundary may
+take the *mean* of ``h`` and its terms instead of their sum,
+``a_{j+1} = (h_j.detach() + sum_t g_t T_t) / (1 + n_terms)``. Every term and ``h`` are
+post-ReLU maps of BN-normalised values, so the sum of ``1 + n_terms`` of them is about
+``1 + n_terms`` times the scale a module input has without context, and the identity paths
+of the blocks carry that scale to the model's classifier (measured at initialisation, ResNet-32
+K=16 R1E: the classifier's input RMS is 4.00 against 1.41 for R0). That is the cause of the
+last module's first-epoch loss spike: the classifier's effective learning rate grows with the
+square of its input's scale. ``mean="last"`` averages at the boundary feeding the last module
+only, so the classifier reads R0's scale (1.43) and every other module is the paper's form.
+The mean is the per-term scale ``c = 1 / (1 + n_terms)`` folded into the BN affine like a gate
+(``c * g`` with one), plus ``c * h``: every backend supports it.
 """
 from __future__ import annotations
 
@@ -36,12 +49,27 @@ from .fused.chunked import image_context_chunked
 from .fused.reference import update_running_stats
 
 __all__ = ["ContextSpec", "parse_context", "ImageEncoder", "ResidualEncoder", "BoundaryContext",
-           "GATES", "check_gate"]
+           "GATES", "MEANS", "check_gate", "check_mean"]
 
 #: context gates: None (the paper's form, g = 1), "ramp" (g = min(1, t / T) over the first T
 #: training steps, no parameters), "learned" (one learnable scalar per term, g = |theta|,
 #: theta initialised at ``gate_init``)
 GATES = (None, "ramp", "learned")
+
+#: context means: None (the paper's form, a sum at every boundary), "last" (the boundary
+#: feeding the last local module takes the mean of h and its terms), "all" (every boundary does)
+MEANS = (None, "last", "all")
+
+
+def check_mean(mean) -> None:
+    """Validate ``context_mean`` of :class:`~contsup_fast.LocalSequential`.
+
+    Raises:
+        ValueError: ``mean`` not in :data:`MEANS`.
+    """
+    if mean not in MEANS:
+        raise ValueError(f"context_mean must be one of {MEANS} (None: the paper's sum at every "
+                         f"boundary), got {mean!r}")
 
 
 def check_gate(gate, gate_steps, gate_init) -> None:
@@ -262,12 +290,13 @@ class BoundaryContext(nn.Module):
 
     ``forward(h, inputs, x, backend)`` takes ``h`` (N, C, H, W, detached), ``inputs`` a dict
     ``i -> a_i`` of stored module inputs (detached) and the image ``x``; it returns
-    ``h + terms`` with gradients to the encoders only.
+    ``h + terms`` (or with ``mean=True`` their mean, ``(h + terms) / (1 + n_terms)``) with
+    gradients to the encoders only.
     """
 
     def __init__(self, target_channels: int, image_channels: Optional[int],
                  residual: Sequence[Tuple[int, int]], gate: Optional[str] = None,
-                 gate_init: float = 0.1):
+                 gate_init: float = 0.1, mean: bool = False):
         super().__init__()
         if gate not in GATES:
             raise ValueError(f"gate must be one of {GATES}, got {gate!r}")
@@ -279,17 +308,32 @@ class BoundaryContext(nn.Module):
         n_terms = (self.image is not None) + len(self.residual)
         # one learnable scalar per term, E first then the R terms in order
         self.gate = nn.Parameter(torch.full((n_terms,), float(gate_init))) if gate == "learned" else None
+        self.mean = bool(mean)
+
+    @property
+    def n_terms(self) -> int:
+        return (self.image is not None) + len(self.residual)
+
+    def h_scale(self) -> Optional[float]:
+        """The scale of ``h``: None for a sum (1), ``1 / (1 + n_terms)`` for a mean."""
+        return 1.0 / (1 + self.n_terms) if self.mean else None
 
     def scales(self) -> List[Optional[Tensor]]:
         """The scale of each term (E first, then R terms): None for the paper's form (g = 1),
-        else a 0-dim tensor or float ``g >= 0``."""
-        n_terms = (self.image is not None) + len(self.residual)
+        else a 0-dim tensor or float ``>= 0`` (the gate ``g``, times ``1 / (1 + n_terms)`` for
+        a mean)."""
+        n_terms = self.n_terms
         if self.gate_mode == "learned":
             g = self.gate.abs()
-            return [g[t] for t in range(n_terms)]
-        if self.gate_mode == "ramp":
-            return [self.ramp] * n_terms
-        return [None] * n_terms
+            gs = [g[t] for t in range(n_terms)]
+        elif self.gate_mode == "ramp":
+            gs = [self.ramp] * n_terms
+        else:
+            gs = [None] * n_terms
+        c = self.h_scale()
+        if c is None:
+            return gs
+        return [c if g is None else g * c for g in gs]
 
     @property
     def sources(self) -> List[int]:
@@ -300,14 +344,18 @@ class BoundaryContext(nn.Module):
             f"R(a_{i})" if i else "R(x)" for i in self.sources]
         if self.gate_mode is not None:
             terms = [f"g*{t}" for t in terms]
-        return " + ".join(terms) if terms else "none"
+        if not terms:
+            return "none"
+        if self.mean:
+            return f"(h + {' + '.join(terms)})/{1 + len(terms)}"
+        return " + ".join(terms)
 
     def forward(self, h: Tensor, inputs: Dict[int, Tensor], x: Tensor, backend) -> Tensor:
         if backend.name == "torch":
             return self._forward_eager(h, inputs, x)
         scales = self.scales()
         g_image, g_res = (scales[0], scales[1:]) if self.image is not None else (None, scales)
-        out = h
+        out = _scaled(h, self.h_scale())
         fused = [(e, g) for e, g in zip(self.residual, g_res) if _integer_scale(inputs[e.source], h)]
         for enc, g in zip(self.residual, g_res):
             if not _integer_scale(inputs[enc.source], h):
@@ -330,7 +378,7 @@ class BoundaryContext(nn.Module):
         size = h.shape[-2:]
         scales = self.scales()
         g_image, g_res = (scales[0], scales[1:]) if self.image is not None else (None, scales)
-        out = h
+        out = _scaled(h, self.h_scale())
         if self.image is not None:
             out = self._image_term(out, x, image_context_chunked, g_image)
         for enc, g in zip(self.residual, g_res):

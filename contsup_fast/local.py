@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
-from .context import BoundaryContext, ContextSpec, check_gate, parse_context
+from .context import BoundaryContext, ContextSpec, check_gate, check_mean, parse_context
 from .cuda_graphs import GraphedLocalSteps, require_cuda_graphs_support
 from .fused import BACKENDS, resolve_backend
 from . import auglocal
@@ -130,13 +130,19 @@ class LocalSequential(nn.Module):
             :mod:`contsup_fast.context` and README "Accuracy" for the measured effect.
         context_gate_steps: length of the ramp in training steps (``"ramp"`` only).
         context_gate_init: initial theta of ``"learned"`` gates (> 0).
+        context_mean: None (default, the paper's sum ``a = h + sum_t T_t`` at every boundary),
+            ``"last"`` (the boundary feeding the last local module takes the mean
+            ``(h + sum_t T_t) / (1 + n_terms)``, so the model's classifier reads inputs of the
+            scale it has without context: no first-epoch loss spike) or ``"all"`` (every boundary
+            takes the mean). Combines with ``context_gate`` (``(h + sum_t g_t T_t) / (1 +
+            n_terms)``). See :mod:`contsup_fast.context` and README "Accuracy".
         cuda_graphs: capture each local module's training step (context, body, local loss,
             backward) as a CUDA graph after two eager steps and replay it (fixed input shapes;
             see :mod:`contsup_fast.cuda_graphs`). For small models where launch overhead dominates.
 
     Raises:
         ValueError: bad K, context, n, aux, aux_depth, aux_pyramid, width_groups, loss, split,
-            backend, context gate or cuda_graphs (the message names the option and says what is
+            backend, context gate, context mean or cuda_graphs (the message names the option and says what is
             allowed); :class:`~contsup_fast.splitting.UnsplittableModelError` for a model that
             cannot be traced or cut. RuntimeError: ``cuda_graphs=True`` without a CUDA GPU.
     """
@@ -149,7 +155,8 @@ class LocalSequential(nn.Module):
                  image_mean: Sequence[float] = CIFAR10_MEAN, image_std: Sequence[float] = CIFAR10_STD,
                  aux_depth: int = 2, aux_pyramid: Optional[float] = 0.5, width_groups: Optional[int] = None,
                  context_gate: Optional[str] = None, context_gate_steps: Optional[int] = None,
-                 context_gate_init: float = 0.1, cuda_graphs: bool = False):
+                 context_gate_init: float = 0.1, context_mean: Optional[str] = None,
+                 cuda_graphs: bool = False):
         super().__init__()
         if not isinstance(cuda_graphs, bool):
             raise ValueError(f"cuda_graphs must be True or False, got {cuda_graphs!r}")
@@ -176,6 +183,8 @@ class LocalSequential(nn.Module):
         check_gate(context_gate, context_gate_steps, context_gate_init)
         self.context_gate, self.context_gate_steps = context_gate, context_gate_steps
         self.context_gate_init = float(context_gate_init)
+        check_mean(context_mean)
+        self.context_mean = context_mean
         if len(input_size) != 3:
             raise ValueError(f"input_size must be (C, H, W), got {tuple(input_size)!r}")
         self.K, self.aux, self.loss_name, self.backend_name = K, aux, loss, backend
@@ -230,7 +239,8 @@ class LocalSequential(nn.Module):
                 context = BoundaryContext(
                     out_shapes[boundary][0], self.input_size[0] if spec.image else None,
                     [(i, input_channels[i]) for i in spec.sources(boundary)],
-                    gate=self.context_gate, gate_init=self.context_gate_init)
+                    gate=self.context_gate, gate_init=self.context_gate_init,
+                    mean=self.context_mean == "all" or (self.context_mean == "last" and j == K - 1))
             head = decoder = None
             if j < K - 1:
                 c = out_shapes[j][0]
@@ -466,6 +476,7 @@ class LocalSequential(nn.Module):
     def __repr__(self) -> str:
         backends = ", ".join(f"{d}: {b.name}" for d, b in self._backends.items())
         gate = f", context_gate={self.context_gate}" if self.context_gate else ""
+        gate += f", context_mean={self.context_mean}" if self.context_mean else ""
         aux = self.aux + (f", aux_depth={self.aux_depth}, aux_pyramid={self.aux_pyramid}"
                           if self.aux == "auglocal" else "")
         aux += f", width_groups={self.width_groups}" if self.width_groups > 1 else ""

@@ -49,7 +49,7 @@ CIFAR_RESNETS = ("resnet20", "resnet32", "resnet44", "resnet56", "resnet110")
 #: and giving a different value is refused
 RESULT_ARGS = ("model", "K", "context", "n", "aux", "loss", "reconstruct", "split", "dataset",
                "epochs", "batch_size", "lr", "momentum", "wd", "warmup_epochs", "seed", "subset",
-               "amp", "context_gate", "context_gate_epochs", "context_gate_init", "warmup_start",
+               "amp", "context_gate", "context_gate_epochs", "context_gate_init", "context_mean", "warmup_start",
                "aux_depth", "aux_pyramid", "width_groups")
 
 
@@ -149,6 +149,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="length of the ramp gate in epochs (default: the warm-up length)")
     g.add_argument("--context-gate-init", type=float, default=0.1,
                    help="initial value of learned gates")
+    g.add_argument("--context-mean", default="none", choices=("none", "last", "all"),
+                   help="a boundary takes the mean (h + terms) / (1 + terms) instead of the sum: "
+                        "none (the paper's form), last (the boundary feeding the last module: its "
+                        "classifier reads the scale it has without context, no loss spike), all")
     g.add_argument("--backend", default="auto", choices=("auto", "torch", "triton", "native"),
                    help="implementation of the fused boundary ops")
     g = p.add_argument_group("data")
@@ -896,6 +900,7 @@ def _train(parser, args, ckpt, par: "_Parallel", t_start: float) -> Dict[str, An
     gate_epochs = warmup_epochs if args.context_gate_epochs is None else args.context_gate_epochs
     local_kwargs = dict(K=args.K, context=args.context, aux=args.aux, loss=args.loss,
                         context_gate=gate, context_gate_init=args.context_gate_init,
+                        context_mean=None if args.context_mean in (None, "none") else args.context_mean,
                         context_gate_steps=max(1, int(round(gate_epochs * steps_per_epoch)))
                         if gate == "ramp" else None,
                         reconstruct=args.reconstruct, split=args.split, backend=args.backend,

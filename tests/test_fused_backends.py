@@ -14,28 +14,30 @@ if not FUSED:
                 allow_module_level=True)
 
 
-def _pair(backend, make=resnet20, K=4, context="R1E", aux="1c2f", seed=0, gate=None):
+def _pair(backend, make=resnet20, K=4, context="R1E", aux="1c2f", seed=0, gate=None, mean=None):
     """The torch-backend model and a copy on ``backend``. The paper's form (no gate) unless
     ``gate`` is given. Gated models are compared in float64: with a learned gate at 0.1, R1E's
     fp32 rounding differences between backends grew to 1% of a body convolution's largest
     gradient (resnet20 K=4, measured), while float64 agrees to 1e-16."""
     torch.manual_seed(seed)
-    ref = LocalSequential(make(), K=K, context=context, aux=aux, backend="torch", context_gate=gate)
-    fused = LocalSequential(make(), K=K, context=context, aux=aux, backend=backend, context_gate=gate)
+    kw = dict(K=K, context=context, aux=aux, context_gate=gate, context_mean=mean)
+    ref = LocalSequential(make(), backend="torch", **kw)
+    fused = LocalSequential(make(), backend=backend, **kw)
     fused.load_state_dict(ref.state_dict())
     return ref, fused
 
 
 @pytest.mark.parametrize("backend", [b for b in FUSED if b == "native"])
-def test_learned_gate_training_step_matches_torch_backend_in_float64(backend):
-    ref, fused = _pair(backend, context="R1E", gate="learned")
+@pytest.mark.parametrize("gate,mean", [("learned", None), (None, "last"), ("learned", "all")])
+def test_learned_gate_training_step_matches_torch_backend_in_float64(backend, gate, mean):
+    ref, fused = _pair(backend, context="R1E", gate=gate, mean=mean)
     ref, fused = ref.double(), fused.double()
     g = torch.Generator().manual_seed(3)
     x, y = torch.randn(6, 3, 32, 32, generator=g, dtype=torch.float64), torch.randint(0, 10, (6,), generator=g)
     a, b = ref(x, y), fused(x, y)
     torch.testing.assert_close(b.local_losses, a.local_losses, rtol=1e-10, atol=1e-12)
     grads = [(k, p.grad, q.grad) for (k, p), (_, q) in zip(ref.named_parameters(), fused.named_parameters())]
-    assert any(k.endswith("context.gate") and p is not None for k, p, _ in grads)
+    assert any(k.endswith("context.gate") and p is not None for k, p, _ in grads) == (gate == "learned")
     for k, p, q in grads:
         assert (p is None) == (q is None), k
         if p is not None:

@@ -1,4 +1,5 @@
-"""Context gates (``context_gate=``): formula, every backend, gradients, resume, export, errors."""
+"""Context gates (``context_gate=``) and the context mean (``context_mean=``): formula, every
+backend, gradients, resume, export, errors."""
 import copy
 
 import pytest
@@ -39,9 +40,9 @@ def _terms(ctx: BoundaryContext, inputs, x, size):
     return terms
 
 
-def _context(gate, theta=None, dtype=torch.float32):
+def _context(gate, theta=None, dtype=torch.float32, mean=False):
     torch.manual_seed(0)
-    ctx = BoundaryContext(12, 3, [(1, 8), (2, 8)], gate=gate, gate_init=0.3).to(dtype)
+    ctx = BoundaryContext(12, 3, [(1, 8), (2, 8)], gate=gate, gate_init=0.3, mean=mean).to(dtype)
     if theta is not None:
         with torch.no_grad():
             ctx.gate.copy_(torch.tensor(theta, dtype=dtype))
@@ -62,19 +63,23 @@ def _data(dtype=torch.float32, n=4):
 
 
 @pytest.mark.parametrize("backend", available_backends("cpu"))
-@pytest.mark.parametrize("gate", ["ramp", "learned"])
-def test_gate_scales_each_term_on_every_backend(backend, gate):
+@pytest.mark.parametrize("gate,mean", [("ramp", False), ("learned", False), (None, True), ("learned", True)])
+def test_gate_and_mean_scale_each_term_on_every_backend(backend, gate, mean):
+    """out = c * (h + sum_t g_t T_t), c = 1/(1 + 3 terms) for a mean, else 1, against each
+    term computed independently with the encoders' eager modules."""
     h, inputs, x = _data()
-    ctx = _context(gate, theta=[0.7, -0.4, 1.3] if gate == "learned" else None)
+    ctx = _context(gate, theta=[0.7, -0.4, 1.3] if gate == "learned" else None, mean=mean)
     if gate == "ramp":
         ctx.ramp.fill_(0.35)
     expect_ctx = copy.deepcopy(ctx)
     out = ctx(h, inputs, x, resolve_backend(backend))
-    g = [expect_ctx.gate.abs()[i] for i in range(3)] if gate == "learned" else [0.35] * 3
+    g = {"learned": [expect_ctx.gate.abs()[i] for i in range(3)] if gate == "learned" else None,
+         "ramp": [0.35] * 3, None: [1.0] * 3}[gate]
     if gate == "learned":  # g = |theta|
         torch.testing.assert_close(torch.stack(g).detach(), torch.tensor([0.7, 0.4, 1.3]))
     terms = _terms(expect_ctx, inputs, x, h.shape[-2:])
-    expected = h + sum(gi * t for gi, t in zip(g, terms))
+    c = 0.25 if mean else 1.0
+    expected = c * (h + sum(gi * t for gi, t in zip(g, terms)))
     torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
     # gradients reach the encoders and the gates exactly as through the eager formula
     w = torch.randn_like(out)
@@ -89,21 +94,23 @@ def test_gate_scales_each_term_on_every_backend(backend, gate):
 
 
 @pytest.mark.parametrize("backend", [b for b in available_backends("cpu") if b != "triton"])
-def test_gate_gradcheck_float64(backend):
+@pytest.mark.parametrize("mean", [False, True])
+def test_gate_gradcheck_float64(backend, mean):
     """gradcheck in float64 of the gated boundary w.r.t. the gates, a residual encoder's conv
     weight and E's last BN scale, through each backend's fused ops (eval: no stat updates).
     The Triton ops get the same scaled affine arguments and are checked against the eager
     formula above; their own gradchecks live in the kernel tests (the interpreter is slow)."""
     be = resolve_backend(backend)
-    ctx = _context("learned", theta=[0.6, 0.9, -1.1], dtype=torch.float64).eval()
+    ctx = _context("learned", theta=[0.6, 0.9, -1.1], dtype=torch.float64, mean=mean).eval()
     h, inputs, x = _data(torch.float64, n=2)
+    h.requires_grad_()  # not in training (h is detached there), but checks the 1/4 scale of h
     names = ["gate", "residual.0.conv.weight", "image.bn2.weight"]
     values = [dict(ctx.named_parameters())[k].detach().clone().requires_grad_() for k in names]
 
-    def f(*ps):
+    def f(h, *ps):
         return torch.func.functional_call(ctx, dict(zip(names, ps)), (h, inputs, x, be))
 
-    assert torch.autograd.gradcheck(f, tuple(values), atol=1e-6, fast_mode=True)
+    assert torch.autograd.gradcheck(f, (h, *values), atol=1e-6, fast_mode=True)
 
 
 def test_ramp_rises_over_the_steps_and_then_is_the_paper_form():
@@ -163,11 +170,12 @@ def test_ramp_step_resumes_exactly():
         assert torch.equal(p, q), k
 
 
-@pytest.mark.parametrize("gate", ["ramp", "learned"])
-def test_gated_model_exports(gate):
+@pytest.mark.parametrize("gate,mean", [("ramp", None), ("learned", None), (None, "last"), ("learned", "all")])
+def test_gated_model_exports(gate, mean):
     torch.manual_seed(0)
     local = LocalSequential(tiny_cnn(), K=3, context="R1E", input_size=(3, 16, 16), backend="torch",
-                            context_gate=gate, context_gate_steps=3)
+                            context_gate=gate, context_gate_steps=3 if gate == "ramp" else None,
+                            context_mean=mean)
     x, y = batch(4)
     local(x, y)  # one step: the ramp is at 1/3, learned gates moved
     local.eval()
@@ -192,7 +200,53 @@ def test_learned_gates_are_named_for_weight_decay_exclusion():
     (dict(context_gate="ramp", context_gate_steps=0), "context_gate_steps"),
     (dict(context_gate="learned", context_gate_init=0.0), "context_gate_init"),
     (dict(context_gate="learned", context_gate_init="x"), "context_gate_init"),
+    (dict(context_mean="first"), "context_mean must be one of"),
+    (dict(context_mean="none"), "context_mean must be one of"),
 ])
 def test_bad_gate_arguments(kwargs, match):
     with pytest.raises(ValueError, match=match):
         LocalSequential(tiny_cnn(), K=3, context="R1E", input_size=(3, 16, 16), **kwargs)
+
+
+def _module_inputs(local, x, y):
+    """Every local module's input a_j in one training step (forward pre-hooks on the bodies)."""
+    seen = []
+    hooks = [m.body.register_forward_pre_hook(lambda mod, args: seen.append(args[0].detach().clone()))
+             for m in local.local_modules]
+    out = local(x, y)
+    for hk in hooks:
+        hk.remove()
+    return seen, out
+
+
+@pytest.mark.parametrize("mean", ["last", "all"])
+def test_context_mean_averages_only_where_asked(mean):
+    """Same parameters as the paper's form (no new state); "last": modules 0..K-2 are the paper's
+    form exactly and the last module's input is the paper's divided by 1 + n_terms (h, E and
+    R(a_1): 3); "all": every boundary's input is h_j plus its terms over 1 + n_terms."""
+    torch.manual_seed(0)
+    model = tiny_cnn()
+    paper = LocalSequential(copy.deepcopy(model), K=3, context="R1E", input_size=(3, 16, 16), backend="torch")
+    avg = LocalSequential(copy.deepcopy(model), K=3, context="R1E", input_size=(3, 16, 16), backend="torch",
+                          context_mean=mean)
+    assert list(avg.state_dict()) == list(paper.state_dict())
+    avg.load_state_dict(paper.state_dict())
+    x, y = batch()
+    a_paper, out_paper = _module_inputs(paper, x, y)
+    a_avg, out_avg = _module_inputs(avg, x, y)
+    assert [m.context.mean for m in avg.local_modules[1:]] == ([False, True] if mean == "last" else [True, True])
+    if mean == "last":
+        torch.testing.assert_close(a_avg[1], a_paper[1], rtol=0, atol=0)
+        torch.testing.assert_close(a_avg[2], a_paper[2] / 3)
+        torch.testing.assert_close(out_avg.local_losses[:2], out_paper.local_losses[:2], rtol=0, atol=0)
+        assert "(h + E(x) + R(a_1))/3" in avg.summary() and "context_mean=last" in repr(avg)
+    else:
+        # boundary 0 has E only (the image goes through E, not R(x)): the mean of two
+        torch.testing.assert_close(a_avg[1], a_paper[1] / 2)
+        with torch.no_grad():  # training-mode BN: the same batch statistics as in the step
+            h1 = avg[1].body(a_avg[1])
+            terms = _terms(avg[2].context, {1: a_avg[1]}, x, h1.shape[-2:])
+        torch.testing.assert_close(a_avg[2], (h1 + sum(terms)) / 3)
+        assert avg[1].context.describe() == "(h + E(x))/2"
+    # (this CNN's last module starts with Conv -> BN, which is blind to its input's scale: the
+    # mean changes a module only through identity paths, as in ResNet blocks, so no loss check)

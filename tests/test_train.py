@@ -217,6 +217,21 @@ def test_context_gate_options(tiny_cifar, tmp_path, gate):
     assert len(log["epochs"][0]["step_losses"]) == 4
 
 
+def test_context_mean_option_and_resume(tiny_cifar, tmp_path, capsys):
+    """--context-mean reaches LocalSequential (the last boundary averages), is logged, and a
+    resume with another value is refused (it changes the trained parameters)."""
+    out = tmp_path / "run"
+    res = T.main(_argv(tiny_cifar, out, "--epochs", "1", "--context-mean", "last"))
+    assert np.isfinite(res["train_loss"])
+    log = json.loads((out / "log.json").read_text())
+    assert log["args"]["context_mean"] == "last"
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exc:
+        T.main(["--resume", str(out), "--context-mean", "all"])
+    assert exc.value.code == 2
+    assert "--context-mean" in capsys.readouterr().err
+
+
 def test_warmup_start_floor():
     f = T._lr_lambda(4, 10, start=0.5)
     assert [round(f(i), 4) for i in range(4)] == [0.625, 0.75, 0.875, 1.0]
