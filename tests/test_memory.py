@@ -3,8 +3,9 @@ import pytest
 import torch
 
 from contsup_fast import LocalSequential
+from contsup_fast.fused import available_backends
 from contsup_fast.memory import AllocationPeak, SavedTensorMeter, main, measure_step, memory_table
-from contsup_fast.models import resnet32, resnet110
+from contsup_fast.models import resnet20, resnet32, resnet110
 
 
 def test_meter_counts_unique_storages_and_releases_them():
@@ -120,3 +121,21 @@ def test_resnet110_k16_r1e_memory_balanced_true_peak_is_under_12_percent_of_e2e(
     if backend == "torch":
         pytest.skip(f"the eager residual term keeps its activations: {r1e['true_ratio']:.1%} of E2E")
     assert r1e["true_ratio"] <= 0.12, r1e
+
+
+@pytest.mark.parametrize("backend", [b for b in ("torch", "native") if b in available_backends("cpu")])
+def test_context_mean_keeps_nothing_more_alive(backend):
+    """context_mean="all" saves the paper form's tensors for backward and nothing more but the
+    scaled BN affine (C floats per term) that the fused ops keep (the mean's 1/(1+n) is a
+    constant: c * h saves nothing), and the true peak grows by at most one copy of a
+    boundary's h (c * h is made while h is still alive)."""
+    x, y = torch.randn(8, 3, 32, 32), torch.randint(0, 10, (8,))
+    steps = {}
+    for mean in (None, "all"):
+        torch.manual_seed(0)
+        local = LocalSequential(resnet20(), K=4, context="R1E", backend=backend, context_mean=mean)
+        measure_step(local, x, y)  # one-time allocations of the first call
+        steps[mean] = measure_step(local, x, y)
+    assert steps[None].saved_peak <= steps["all"].saved_peak <= steps[None].saved_peak + 2 * 2 * 64 * 4
+    h_bytes = max(8 * 16 * 32 * 32, 8 * 32 * 16 * 16, 8 * 64 * 8 * 8) * 4
+    assert steps["all"].true_peak <= steps[None].true_peak + h_bytes
