@@ -284,6 +284,27 @@ def plot(p: Protocol, logs: Dict[str, Dict[int, dict]], summary: Dict[str, dict]
     return paths
 
 
+def run_table(logs: Dict[str, Dict[int, dict]]) -> str:
+    """Markdown table, one row per (variant, seed) run that has started: test accuracy at each
+    evaluated epoch ("-" not reached), the final accuracy in bold, and the run's mean
+    last-module loss over epoch 1."""
+    epochs = sorted({e["epoch"] for by_seed in logs.values() for l in by_seed.values() if l
+                     for e in l["epochs"] if e.get("test_acc") is not None})
+    head = ["variant", "seed"] + [f"epoch {e}" for e in epochs] + ["epoch-1 mean last-module loss"]
+    lines = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
+    for variant, by_seed in logs.items():
+        for seed, l in sorted(by_seed.items()):
+            if not l or not l["epochs"]:
+                continue
+            acc = {e["epoch"]: e["test_acc"] for e in l["epochs"] if e.get("test_acc") is not None}
+            cells = [(f"**{acc[e]:.2f}**" if e == epochs[-1] else f"{acc[e]:.2f}") if e in acc else "-"
+                     for e in epochs]
+            steps = l["epochs"][0].get("step_losses")
+            loss = f"{statistics.fmean(steps):.2f}" if steps else "-"
+            lines.append("| " + " | ".join([variant, str(seed)] + cells + [loss]) + " |")
+    return "\n".join(lines)
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="python -m bench.accuracy", description=__doc__.split("\n\n")[0])
     ap.add_argument("--preset", default="cpu", choices=sorted(PRESETS), help="the protocol")
@@ -335,6 +356,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
                              f"run the same command again to continue")
     summary = summarize(p, logs)
     print(table(summary))
+    print(run_table(logs))
     payload = {"environment": environment(torch.device("cpu")), "protocol": asdict(p),
                "runs_root": str(runs_root), "wall_s": time.time() - t0, "summary": summary,
                "runs": {v: {str(s): l for s, l in by_seed.items()} for v, by_seed in logs.items()}}

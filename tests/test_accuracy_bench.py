@@ -57,3 +57,15 @@ def test_table_says_how_many_seeds_a_cell_holds_when_a_run_is_still_going():
     assert row[:2] == ["R1E", "1"]  # one seed finished
     assert "25.00±5.00" in row and "(n=2)" in row  # epoch 3: both seeds, marked
     assert "40.00±0.00" in row and row.count("(n=2)") == 1  # epoch 6: the finished seed only
+
+
+def test_run_table_has_one_row_per_started_run():
+    def ep(n, acc, losses=(2.0,)):
+        return {"epoch": n, "test_acc": acc, "step_losses": list(losses), "images_per_s": 1.0, "peak_mem_mib": 1.0}
+    logs = {"R0": {0: {"epochs": [ep(1, None, (3.0, 5.0)), ep(3, 20.0), ep(6, 40.5)]},
+                   1: {"epochs": [ep(3, 30.0)]}, 2: None}}
+    lines = A.run_table(logs).splitlines()
+    assert lines[0] == "| variant | seed | epoch 3 | epoch 6 | epoch-1 mean last-module loss |"
+    assert lines[2] == "| R0 | 0 | 20.00 | **40.50** | 4.00 |"  # the last epoch in bold
+    assert lines[3] == "| R0 | 1 | 30.00 | - | 2.00 |"  # not reached yet
+    assert len(lines) == 4  # seed 2 has not started
