@@ -107,10 +107,13 @@ def _R(enc, a, size, training):
 @pytest.mark.parametrize("context,n", [("R0", None), ("E", None), ("R1", None), ("R2", None),
                                        ("RnE", 1), ("RnE", 2), ("R3E", None), ("Rn", 5)])
 @pytest.mark.parametrize("training", [True, False])
-def test_context_matches_formula(context, n, training):
-    """a_{j+1} = h_j.detach() + E_j(x) + sum_{r<n} R_{j,r}(a_{j-r}), a_0 = x (not for RnE)."""
+@pytest.mark.parametrize("mean", [None, "last", "all"])
+def test_context_matches_formula(context, n, training, mean):
+    """a_{j+1} = h_j.detach() + E_j(x) + sum_{r<n} R_{j,r}(a_{j-r}), a_0 = x (not for RnE); with
+    ``context_mean`` that sum over its 1 + n_terms summands, at the last boundary or at all."""
     torch.manual_seed(1)
-    local = LocalSequential(tiny_cnn(), K=4, context=context, n=n, input_size=(3, 16, 16), backend="torch")
+    local = LocalSequential(tiny_cnn(), K=4, context=context, n=n, input_size=(3, 16, 16), backend="torch",
+                            context_mean=mean)
     spec = parse_context(context, n)
     ins, outs = {}, {}
     for m in local:
@@ -137,6 +140,8 @@ def test_context_matches_formula(context, n, training):
         assert (ctx.sources if ctx is not None else []) == sources
         for enc, i in zip(ctx.residual if ctx is not None else [], sources):
             expected += _R(enc, a[i], h.shape[-2:], training)
+        if mean == "all" or (mean == "last" and j == 2):
+            expected /= 1 + spec.image + len(sources)
         torch.testing.assert_close(ins[j + 1], expected, rtol=1e-5, atol=1e-5)
         a[j + 1] = ins[j + 1]
 
