@@ -53,6 +53,11 @@ RESULT_ARGS = ("model", "K", "context", "n", "aux", "loss", "reconstruct", "spli
                "aux_depth", "aux_pyramid", "width_groups")
 
 
+#: the value a result argument had in runs written before the option existed (their checkpoints
+#: lack the key): a resume continues them with it, not with today's default
+OPTION_ABSENT_MEANS = {"context_mean": "none"}
+
+
 def _positive_int(s: str) -> int:
     v = int(s)
     if v < 1:
@@ -812,7 +817,7 @@ def _prepare_args(argv: Optional[Sequence[str]]):
             ckpt = load_checkpoint(ckpt_path)
         except (FileNotFoundError, RuntimeError) as exc:
             parser.error(f"--resume: {exc}")
-        saved = ckpt["args"]
+        saved = {**OPTION_ABSENT_MEANS, **ckpt["args"]}
         bad = [f"--{k.replace('_', '-')}: checkpoint has {saved.get(k)!r}, command line "
                f"{getattr(args, k)!r}" for k in RESULT_ARGS
                if k in explicit and saved.get(k) != getattr(args, k)]

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from contsup_fast import train as T
-from contsup_fast.checkpoint import load_checkpoint
+from contsup_fast.checkpoint import load_checkpoint, save_checkpoint
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*differs from the official release")
 
@@ -230,6 +230,23 @@ def test_context_mean_option_and_resume(tiny_cifar, tmp_path, capsys):
         T.main(["--resume", str(out), "--context-mean", "all"])
     assert exc.value.code == 2
     assert "--context-mean" in capsys.readouterr().err
+
+
+def test_checkpoint_from_before_context_mean_resumes_with_the_sum(tiny_cifar, tmp_path, capsys):
+    """A checkpoint written before --context-mean existed (its args lack the key) continues with
+    the paper's sum, whatever today's default; asking for another value is refused."""
+    out = tmp_path / "old"
+    T.main(_argv(tiny_cifar, out, "--epochs", "2", "--stop-after-epochs", "1", "--context-mean", "none"))
+    ck = load_checkpoint(out)
+    del ck["args"]["context_mean"]
+    save_checkpoint(ck, str(out / "checkpoint.pt"))
+    capsys.readouterr()
+    with pytest.raises(SystemExit):
+        T.main(["--resume", str(out), "--context-mean", "last"])
+    assert "--context-mean: checkpoint has 'none'" in capsys.readouterr().err
+    res = T.main(["--resume", str(out), "--no-progress"])
+    assert res["epochs"] == 2
+    assert json.loads((out / "log.json").read_text())["args"]["context_mean"] == "none"
 
 
 def test_warmup_start_floor():
