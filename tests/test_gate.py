@@ -117,10 +117,10 @@ def test_ramp_rises_over_the_steps_and_then_is_the_paper_form():
     torch.manual_seed(0)
     model = tiny_cnn()
     gated = LocalSequential(copy.deepcopy(model), K=3, context="R1E", input_size=(3, 16, 16),
-                            backend="torch", context_gate="ramp", context_gate_steps=4)
+                            backend="torch", context_gate="ramp", context_gate_steps=4, context_mean=None)
     torch.manual_seed(0)
     paper = LocalSequential(copy.deepcopy(model), K=3, context="R1E", input_size=(3, 16, 16),
-                            backend="torch")
+                            backend="torch", context_mean=None)
     paper.load_state_dict(gated.state_dict(), strict=False)
     x, y = batch()
     seen = []
@@ -226,7 +226,8 @@ def test_context_mean_averages_only_where_asked(mean):
     R(a_1): 3); "all": every boundary's input is h_j plus its terms over 1 + n_terms."""
     torch.manual_seed(0)
     model = tiny_cnn()
-    paper = LocalSequential(copy.deepcopy(model), K=3, context="R1E", input_size=(3, 16, 16), backend="torch")
+    paper = LocalSequential(copy.deepcopy(model), K=3, context="R1E", input_size=(3, 16, 16), backend="torch",
+                            context_mean=None)
     avg = LocalSequential(copy.deepcopy(model), K=3, context="R1E", input_size=(3, 16, 16), backend="torch",
                           context_mean=mean)
     assert list(avg.state_dict()) == list(paper.state_dict())
