@@ -75,6 +75,9 @@ class Protocol:
 
 
 _E2E = ["--K", "1", "--context", "R0"]
+#: R1E rows name both context options, so that a row means the same run whatever the defaults
+_R1E_PAPER = ["--context", "R1E", "--context-gate", "none", "--context-mean", "none"]
+_R1E_MEAN_LAST = ["--context", "R1E", "--context-gate", "none", "--context-mean", "last"]
 PRESETS: Dict[str, Protocol] = {
     "cpu": Protocol(
         name="cpu", model="resnet32", K=16, epochs=12, subset=10000, seeds=[0, 1],
@@ -82,19 +85,19 @@ PRESETS: Dict[str, Protocol] = {
         # the ramp gate is not a row: it only delays the spike (README demo, measured), and
         # each R1E row costs about 70 min of one core here
         variants={"E2E": _E2E, "R0": ["--context", "R0"],
-                  "R1E": ["--context", "R1E", "--context-gate", "none"],
-                  "R1E learned": ["--context", "R1E", "--context-gate", "learned"],
-                  "R1E mean-last": ["--context", "R1E", "--context-mean", "last"]}),
+                  "R1E": _R1E_PAPER,
+                  "R1E learned": _R1E_PAPER[:2] + ["--context-gate", "learned", "--context-mean", "none"],
+                  "R1E mean-last": _R1E_MEAN_LAST}),
     "gpu": Protocol(
         name="gpu", model="resnet32", K=16, epochs=160, subset=None, seeds=[0],
         batch_size=1024, lr=0.8, warmup_epochs=10, eval_every=5,
         extra=["--amp", "bf16", "--channels-last"],
         variants={"E2E": _E2E, "R0": ["--context", "R0"], "E": ["--context", "E"],
-                  "R1": ["--context", "R1"], "R1E": ["--context", "R1E"],
-                  "R1E ramp": ["--context", "R1E", "--context-gate", "ramp"],
-                  "R1E learned": ["--context", "R1E", "--context-gate", "learned"],
-                  "R1E mean-last": ["--context", "R1E", "--context-mean", "last"],
-                  "R1E supcon": ["--context", "R1E", "--loss", "supcon"]}),
+                  "R1": ["--context", "R1"], "R1E": _R1E_PAPER,
+                  "R1E ramp": _R1E_PAPER[:2] + ["--context-gate", "ramp", "--context-mean", "none"],
+                  "R1E learned": _R1E_PAPER[:2] + ["--context-gate", "learned", "--context-mean", "none"],
+                  "R1E mean-last": _R1E_MEAN_LAST,
+                  "R1E supcon": _R1E_MEAN_LAST + ["--loss", "supcon"]}),
     "smoke": Protocol(
         name="smoke", model="resnet20", K=4, epochs=2, subset=64, seeds=[0, 1],
         batch_size=32, lr=0.05, warmup_epochs=0.5, eval_every=1,

@@ -154,10 +154,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="length of the ramp gate in epochs (default: the warm-up length)")
     g.add_argument("--context-gate-init", type=float, default=0.1,
                    help="initial value of learned gates")
-    g.add_argument("--context-mean", default="none", choices=("none", "last", "all"),
+    g.add_argument("--context-mean", default="last", choices=("none", "last", "all"),
                    help="a boundary takes the mean (h + terms) / (1 + terms) instead of the sum: "
-                        "none (the paper's form), last (the boundary feeding the last module: its "
-                        "classifier reads the scale it has without context, no loss spike), all")
+                        "last (default: the boundary feeding the last module, whose classifier "
+                        "then reads the scale it has without context: no loss spike), none (the "
+                        "paper's exact form, with --context-gate none), all")
     g.add_argument("--backend", default="auto", choices=("auto", "torch", "triton", "native"),
                    help="implementation of the fused boundary ops")
     g = p.add_argument_group("data")
