@@ -35,14 +35,14 @@ from contsup_fast.models import build_model
 
 from .common import environment, format_table, write_json
 
-#: the variants: LocalSequential options (E2E is K=1)
+#: the variants: LocalSequential options (E2E is K=1); the R1E rows name both context options
 VARIANTS: Dict[str, dict] = {
     "E2E": dict(K=1, context="R0"),
     "R0": dict(context="R0"),
-    "R1E": dict(context="R1E"),
-    "R1E learned": dict(context="R1E", context_gate="learned"),
-    "R1E mean-last": dict(context="R1E", context_mean="last"),
-    "R1E mean-all": dict(context="R1E", context_mean="all"),
+    "R1E": dict(context="R1E", context_gate=None, context_mean=None),  # the paper's exact form
+    "R1E learned": dict(context="R1E", context_gate="learned", context_mean=None),
+    "R1E mean-last": dict(context="R1E", context_gate=None, context_mean="last"),
+    "R1E mean-all": dict(context="R1E", context_gate=None, context_mean="all"),
 }
 
 
