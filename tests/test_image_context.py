@@ -172,6 +172,12 @@ def test_every_backend_has_the_op():
     assert resolve_backend("torch").image_context is image_context_chunked
 
 
+def _eager_image_term(self, out, x, op, g=None):
+    """The eager encoder E (the previous torch path), scaled by g (a gate or the context mean)."""
+    term = self.image(x, out.shape[-2:])
+    return out + (term if g is None else g * term)
+
+
 def test_training_step_matches_the_eager_encoder_path(monkeypatch):
     """One LocalSequential step (R1E, torch backend) with the op equals the same step with the
     eager encoder E (the previous torch path): losses, every gradient, every running buffer."""
@@ -183,7 +189,7 @@ def test_training_step_matches_the_eager_encoder_path(monkeypatch):
     x, y = batch()
     a = fused(x, y)
     monkeypatch.setattr(BoundaryContext, "_image_term",
-                        lambda self, out, x, op, g=None: out + self.image(x, out.shape[-2:]))
+                        _eager_image_term)
     b = eager(x, y)
     torch.testing.assert_close(a.local_losses, b.local_losses, rtol=1e-5, atol=1e-6)
     for (k, p), (_, q) in zip(fused.named_parameters(), eager.named_parameters()):
@@ -197,7 +203,7 @@ def test_training_step_matches_the_eager_encoder_path(monkeypatch):
     with torch.no_grad():
         got = fused(x)
         monkeypatch.setattr(BoundaryContext, "_image_term",
-                            lambda self, out, x, op, g=None: out + self.image(x, out.shape[-2:]))
+                            _eager_image_term)
         torch.testing.assert_close(got, eager(x), rtol=1e-4, atol=1e-5)
 
 
