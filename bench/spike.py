@@ -16,7 +16,8 @@ harshest start, and reports:
 Batches are drawn with replacement from a fixed class-balanced subset, normalised, without
 augmentation. SGD with Nesterov momentum 0.9 and weight decay 1e-4, the training CLI's. The
 final accuracy of each option is the business of ``bench.accuracy``; this is the cheap screen
-(about 4 s per R1E step of ResNet-32 K=16 at batch 128 on one CPU thread).
+(measured on the 2-core CPU, one thread, another run sharing it: about 3.7 s per R1E step
+of ResNet-32 K=16 at batch 128).
 """
 from __future__ import annotations
 
@@ -32,6 +33,7 @@ from torch import nn
 from contsup_fast import LocalSequential
 from contsup_fast import data as D
 from contsup_fast.models import build_model
+from contsup_fast.train import param_groups
 
 from .common import environment, format_table, write_json
 
@@ -57,29 +59,26 @@ def run_variant(name: str, images: np.ndarray, labels: np.ndarray, model: str = 
                 K: int = 16, steps: int = 40, batch: int = 128, lr: float = 0.1, chunk: int = 10,
                 seed: int = 0, dataset: str = "cifar10") -> dict:
     """Train variant ``name`` (a key of :data:`VARIANTS`) for ``steps`` steps on batches drawn
-    from ``images`` (N, H, W, 3) uint8 and ``labels`` (N,) int; return its record."""
+    from ``images`` (N, H, W, 3) uint8 and ``labels`` (N,) int ndarray; return its record."""
     opts = dict(VARIANTS[name])
     k = opts.pop("K", K)
-    mean, std = (torch.tensor(v).view(1, 3, 1, 1) for v in D.dataset_stats(dataset))
+    mean, std = (torch.tensor(v) for v in D.dataset_stats(dataset))
     torch.manual_seed(seed)
     local = LocalSequential(build_model(model, int(labels.max()) + 1), K=k,
                             input_size=(3,) + tuple(images.shape[1:3]), **opts)
     rms: List[float] = []
     hook = _classifier(local).register_forward_pre_hook(
         lambda mod, args: rms.append(float(args[0].detach().pow(2).mean().sqrt())))
-    decay = [p for n, p in local.named_parameters() if not n.endswith(".context.gate")]
-    gates = [p for n, p in local.named_parameters() if n.endswith(".context.gate")]
-    groups = [{"params": decay}] + ([{"params": gates, "weight_decay": 0.0}] if gates else [])
-    opt = torch.optim.SGD(groups, lr=lr, momentum=0.9, nesterov=True, weight_decay=1e-4)
+    opt = torch.optim.SGD(param_groups(local.parameters(), local), lr=lr, momentum=0.9, nesterov=True, weight_decay=1e-4)
     g = torch.Generator().manual_seed(seed)
     losses: List[float] = []
     t0 = time.perf_counter()
     for _ in range(steps):
         idx = torch.randint(len(labels), (batch,), generator=g).numpy()
-        x = torch.from_numpy(np.ascontiguousarray(images[idx])).permute(0, 3, 1, 2).float() / 255
-        y = torch.from_numpy(np.asarray(labels)[idx]).long()
+        x = D.normalize_batch(torch.from_numpy(np.ascontiguousarray(images[idx])).permute(0, 3, 1, 2), mean, std)
+        y = torch.from_numpy(labels[idx]).long()
         opt.zero_grad(set_to_none=True)
-        losses.append(float(local((x - mean) / std, y).loss))
+        losses.append(float(local(x, y).loss))
         opt.step()
     hook.remove()
     return {"variant": name, "options": VARIANTS[name], "classifier_input_rms": rms[0],

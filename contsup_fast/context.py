@@ -309,9 +309,8 @@ class BoundaryContext(nn.Module):
         self.gate_mode = gate
         if gate == "ramp":  # g in [0, 1], set by LocalSequential from its step count
             self.register_buffer("ramp", torch.ones(()), persistent=False)
-        n_terms = (self.image is not None) + len(self.residual)
         # one learnable scalar per term, E first then the R terms in order
-        self.gate = nn.Parameter(torch.full((n_terms,), float(gate_init))) if gate == "learned" else None
+        self.gate = nn.Parameter(torch.full((self.n_terms,), float(gate_init))) if gate == "learned" else None
         self.mean = bool(mean)
 
     @property

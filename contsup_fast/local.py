@@ -135,17 +135,17 @@ class LocalSequential(nn.Module):
             mean ``(h + sum_t T_t) / (1 + n_terms)``, so the model's classifier reads inputs of
             the scale it has without context: no first-epoch loss spike; every other boundary
             is the paper's), None (the paper's exact form, the sum ``a = h + sum_t T_t`` at
-            every boundary) or ``"all"`` (every boundary takes the mean). The default was
-            chosen by the ``cpu`` accuracy A/B (README "Accuracy"). Combines with ``context_gate`` (``(h + sum_t g_t T_t) / (1 +
-            n_terms)``). See :mod:`contsup_fast.context` and README "Accuracy".
+            every boundary) or ``"all"`` (every boundary takes the mean). Combines with
+            ``context_gate``: ``(h + sum_t g_t T_t) / (1 + n_terms)``. The default was chosen by
+            the ``cpu`` accuracy A/B; see :mod:`contsup_fast.context` and README "Accuracy".
         cuda_graphs: capture each local module's training step (context, body, local loss,
             backward) as a CUDA graph after two eager steps and replay it (fixed input shapes;
             see :mod:`contsup_fast.cuda_graphs`). For small models where launch overhead dominates.
 
     Raises:
         ValueError: bad K, context, n, aux, aux_depth, aux_pyramid, width_groups, loss, split,
-            backend, context gate, context mean or cuda_graphs (the message names the option and says what is
-            allowed); :class:`~contsup_fast.splitting.UnsplittableModelError` for a model that
+            backend, context gate, context mean or cuda_graphs (the message names the option and
+            says what is allowed); :class:`~contsup_fast.splitting.UnsplittableModelError` for a model that
             cannot be traced or cut. RuntimeError: ``cuda_graphs=True`` without a CUDA GPU.
     """
 

@@ -58,6 +58,19 @@ RESULT_ARGS = ("model", "K", "context", "n", "aux", "loss", "reconstruct", "spli
 OPTION_ABSENT_MEANS = {"context_mean": "none"}
 
 
+def param_groups(params, local: torch.nn.Module) -> List[dict]:
+    """Optimizer parameter groups of ``params`` (all or some of ``local``'s parameters): the
+    learned context gates (``*.context.gate``) in a group of their own without weight decay,
+    every other parameter in the first group."""
+    gate_ids = {id(p) for k, p in local.named_parameters() if k.endswith(".context.gate")}
+    params = list(params)
+    groups = [{"params": [p for p in params if id(p) not in gate_ids]}]
+    gates = [p for p in params if id(p) in gate_ids]
+    if gates:
+        groups.append({"params": gates, "weight_decay": 0.0})
+    return groups
+
+
 def _positive_int(s: str) -> int:
     v = int(s)
     if v < 1:
@@ -925,8 +938,6 @@ def _train(parser, args, ckpt, par: "_Parallel", t_start: float) -> Dict[str, An
     K = len(local)
     n_params = sum(p.numel() for p in local.parameters())
 
-    # learned context gates get no weight decay (a parameter group of their own)
-    gate_ids = {id(p) for k, p in local.named_parameters() if k.endswith(".context.gate")}
     amp_dtype = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}[args.amp]
 
     def autocast():
@@ -935,12 +946,7 @@ def _train(parser, args, ckpt, par: "_Parallel", t_start: float) -> Dict[str, An
         return torch.autocast(device.type, dtype=amp_dtype)
 
     def opt_factory(params):
-        params = list(params)
-        groups = [{"params": [p for p in params if id(p) not in gate_ids]}]
-        gates = [p for p in params if id(p) in gate_ids]
-        if gates:
-            groups.append({"params": gates, "weight_decay": 0.0})
-        return torch.optim.SGD(groups, lr=args.lr, momentum=args.momentum,
+        return torch.optim.SGD(param_groups(params, local), lr=args.lr, momentum=args.momentum,
                                nesterov=args.momentum > 0, weight_decay=args.wd)
 
     def sched_factory(opt):
