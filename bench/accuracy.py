@@ -78,6 +78,7 @@ _E2E = ["--K", "1", "--context", "R0"]
 #: R1E rows name both context options, so that a row means the same run whatever the defaults
 _R1E_PAPER = ["--context", "R1E", "--context-gate", "none", "--context-mean", "none"]
 _R1E_MEAN_LAST = ["--context", "R1E", "--context-gate", "none", "--context-mean", "last"]
+_R1E_MEAN_ALL = ["--context", "R1E", "--context-gate", "none", "--context-mean", "all"]
 PRESETS: Dict[str, Protocol] = {
     "cpu": Protocol(
         name="cpu", model="resnet32", K=16, epochs=12, subset=10000, seeds=[0, 1],
@@ -87,7 +88,7 @@ PRESETS: Dict[str, Protocol] = {
         variants={"E2E": _E2E, "R0": ["--context", "R0"],
                   "R1E": _R1E_PAPER,
                   "R1E learned": _R1E_PAPER[:2] + ["--context-gate", "learned", "--context-mean", "none"],
-                  "R1E mean-last": _R1E_MEAN_LAST}),
+                  "R1E mean-last": _R1E_MEAN_LAST, "R1E mean-all": _R1E_MEAN_ALL}),
     "gpu": Protocol(
         name="gpu", model="resnet32", K=16, epochs=160, subset=None, seeds=[0],
         batch_size=1024, lr=0.8, warmup_epochs=10, eval_every=5,
