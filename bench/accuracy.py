@@ -17,7 +17,8 @@ Outputs, under ``--out`` (default ``bench/results``):
 
 Presets: ``cpu`` (fits one 2-core session: ResNet-32, K=16, a 10,000-image class-balanced
 subset, batch 128, lr 0.1, 3 warm-up epochs into cosine, 12 epochs, 2 seeds; rows E2E, R0,
-R1E in the paper's form, R1E with the learned gate and R1E with the default context mean), ``gpu`` (the
+R1E in the paper's form, R1E with the learned gate, R1E with the default context mean "last" and
+R1E with the mean at every boundary), ``gpu`` (the
 paper's recipe: full data, 160 epochs, batch 1024, lr 0.8, 10 warm-up epochs, bf16,
 channels_last; ``--epochs`` to fit a lease, the same for every row) and ``smoke`` (seconds,
 for the tests). Accuracies on the shared JPEG-lossy CIFAR-10 copy are comparable with each
