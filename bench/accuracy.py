@@ -18,7 +18,7 @@ Outputs, under ``--out`` (default ``bench/results``):
 Presets: ``cpu`` (fits one 2-core session: ResNet-32, K=16, a 10,000-image class-balanced
 subset, batch 128, lr 0.1, 3 warm-up epochs into cosine, 12 epochs, 2 seeds; rows E2E, R0,
 R1E in the paper's form, R1E with the learned gate, R1E with the default context mean "last" and
-R1E with the mean at every boundary), ``gpu`` (the
+R1E with the mean at every boundary, R1E with supervised contrastive local losses), ``gpu`` (the
 paper's recipe: full data, 160 epochs, batch 1024, lr 0.8, 10 warm-up epochs, bf16,
 channels_last; ``--epochs`` to fit a lease, the same for every row) and ``smoke`` (seconds,
 for the tests). Accuracies on the shared JPEG-lossy CIFAR-10 copy are comparable with each
@@ -89,7 +89,8 @@ PRESETS: Dict[str, Protocol] = {
         variants={"E2E": _E2E, "R0": ["--context", "R0"],
                   "R1E": _R1E_PAPER,
                   "R1E learned": _R1E_PAPER[:2] + ["--context-gate", "learned", "--context-mean", "none"],
-                  "R1E mean-last": _R1E_MEAN_LAST, "R1E mean-all": _R1E_MEAN_ALL}),
+                  "R1E mean-last": _R1E_MEAN_LAST, "R1E mean-all": _R1E_MEAN_ALL,
+                  "R1E supcon": _R1E_MEAN_LAST + ["--loss", "supcon"]}),
     "gpu": Protocol(
         name="gpu", model="resnet32", K=16, epochs=160, subset=None, seeds=[0],
         batch_size=1024, lr=0.8, warmup_epochs=10, eval_every=5,
