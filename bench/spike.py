@@ -69,7 +69,8 @@ def run_variant(name: str, images: np.ndarray, labels: np.ndarray, model: str = 
     rms: List[float] = []
     hook = _classifier(local).register_forward_pre_hook(
         lambda mod, args: rms.append(float(args[0].detach().pow(2).mean().sqrt())))
-    opt = torch.optim.SGD(param_groups(local.parameters(), local), lr=lr, momentum=0.9, nesterov=True, weight_decay=1e-4)
+    opt = torch.optim.SGD(param_groups(local.parameters(), local), lr=lr, momentum=0.9, nesterov=True,
+                          weight_decay=1e-4)
     g = torch.Generator().manual_seed(seed)
     losses: List[float] = []
     t0 = time.perf_counter()
