@@ -15,14 +15,15 @@ Outputs, under ``--out`` (default ``bench/results``):
 * ``accuracy_<preset>_loss.png``: the last module's loss over the first epoch's steps
   (mean over seeds), where the context-supply loss spike shows.
 
-Presets: ``cpu`` (fits one 2-core session: ResNet-32, K=16, a 10,000-image class-balanced
-subset, batch 128, lr 0.1, 3 warm-up epochs into cosine, 12 epochs, 2 seeds; rows E2E, R0, R1E
-in the paper's form, R1E with the learned gate, R1E with the default context mean "last", R1E
-with the mean at every boundary, and R1E and R0 with supervised contrastive local losses),
-``gpu`` (the paper's recipe: full data, 160 epochs, batch 1024, lr 0.8, 10 warm-up epochs,
-bf16, channels_last; ``--epochs`` to fit a lease, the same for every row) and ``smoke``
-(seconds, for the tests). Accuracies on the shared JPEG-lossy CIFAR-10 copy are comparable
-with each other only, never with published CIFAR-10 numbers.
+Presets: ``cpu`` (the 2-core CPU machine, resumable across sessions: ResNet-32, K=16, a
+10,000-image class-balanced subset, batch 128, lr 0.1, 3 warm-up epochs into cosine, 12 epochs,
+2 seeds; rows E2E, R0, R1E in the paper's form, R1E with the learned gate, R1E with the default
+context mean "last", R1E with the mean at every boundary, R1E and R0 with supervised
+contrastive local losses, and R1E and R0 with DGL's auxiliary heads), ``gpu`` (the paper's
+recipe: full data, 160 epochs, batch 1024, lr 0.8, 10 warm-up epochs, bf16, channels_last;
+``--epochs`` to fit a lease, the same for every row) and ``smoke`` (seconds, for the tests).
+Accuracies on the shared JPEG-lossy CIFAR-10 copy are comparable with each other only, never
+with published CIFAR-10 numbers.
 """
 from __future__ import annotations
 
@@ -94,7 +95,9 @@ PRESETS: Dict[str, Protocol] = {
                   "R1E": _r1e(), "R1E learned": _r1e("learned"),
                   "R1E mean-last": _r1e(mean="last"), "R1E mean-all": _r1e(mean="all"),
                   "R1E supcon": _r1e("none", "last", "--loss", "supcon"),
-                  "R0 supcon": ["--context", "R0", "--loss", "supcon"]}),
+                  "R0 supcon": ["--context", "R0", "--loss", "supcon"],
+                  "R1E dgl": _r1e("none", "last", "--aux", "dgl"),
+                  "R0 dgl": ["--context", "R0", "--aux", "dgl"]}),
     "gpu": Protocol(
         name="gpu", model="resnet32", K=16, epochs=160, subset=None, seeds=[0],
         batch_size=1024, lr=0.8, warmup_epochs=10, eval_every=5,
