@@ -79,6 +79,11 @@ class Protocol:
 _E2E = ["--K", "1", "--context", "R0"]
 
 
+def _r0(*extra: str) -> List[str]:
+    """An R0 row's CLI options (local learning without context), then ``extra``."""
+    return ["--context", "R0", *extra]
+
+
 def _r1e(gate: str = "none", mean: str = "none", *extra: str) -> List[str]:
     """An R1E row's CLI options. It names both context options, so that a row means the same
     run whatever the defaults; the defaults here are the paper's exact form."""
@@ -91,25 +96,25 @@ PRESETS: Dict[str, Protocol] = {
         batch_size=128, lr=0.1, warmup_epochs=3, eval_every=3,
         # the ramp gate is not a row: it only delays the spike (README demo, measured), and
         # each R1E row costs about 70 min of one core here
-        variants={"E2E": _E2E, "R0": ["--context", "R0"],
+        variants={"E2E": _E2E, "R0": _r0(),
                   "R1E": _r1e(), "R1E learned": _r1e("learned"),
                   "R1E mean-last": _r1e(mean="last"), "R1E mean-all": _r1e(mean="all"),
                   "R1E supcon": _r1e("none", "last", "--loss", "supcon"),
-                  "R0 supcon": ["--context", "R0", "--loss", "supcon"],
+                  "R0 supcon": _r0("--loss", "supcon"),
                   "R1E dgl": _r1e("none", "last", "--aux", "dgl"),
-                  "R0 dgl": ["--context", "R0", "--aux", "dgl"]}),
+                  "R0 dgl": _r0("--aux", "dgl")}),
     "gpu": Protocol(
         name="gpu", model="resnet32", K=16, epochs=160, subset=None, seeds=[0],
         batch_size=1024, lr=0.8, warmup_epochs=10, eval_every=5,
         extra=["--amp", "bf16", "--channels-last"],
-        variants={"E2E": _E2E, "R0": ["--context", "R0"], "E": ["--context", "E"],
+        variants={"E2E": _E2E, "R0": _r0(), "E": ["--context", "E"],
                   "R1": ["--context", "R1"], "R1E": _r1e(), "R1E ramp": _r1e("ramp"),
                   "R1E learned": _r1e("learned"), "R1E mean-last": _r1e(mean="last"),
                   "R1E supcon": _r1e("none", "last", "--loss", "supcon")}),
     "smoke": Protocol(
         name="smoke", model="resnet20", K=4, epochs=2, subset=64, seeds=[0, 1],
         batch_size=32, lr=0.05, warmup_epochs=0.5, eval_every=1,
-        variants={"R0": ["--context", "R0"], "R1E ramp": ["--context", "R1E", "--context-gate", "ramp"]}),
+        variants={"R0": _r0(), "R1E ramp": ["--context", "R1E", "--context-gate", "ramp"]}),
 }
 
 
