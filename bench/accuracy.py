@@ -5,6 +5,8 @@ the seeds and a list of *variants*, each a set of training-CLI options (E2E is `
 Every (variant, seed) run goes through the real training code, ``python -m
 contsup_fast.train``, in its own process and run folder, so a stopped harness resumes where
 it stopped (finished runs are skipped, interrupted ones continue from their checkpoint).
+Ctrl-C or SIGTERM stops every running run at its next step boundary, after it saves a
+checkpoint.
 
 Outputs, under ``--out`` (default ``bench/results``):
 
@@ -19,7 +21,8 @@ Presets: ``cpu`` (the 2-core CPU machine, resumable across sessions: ResNet-32, 
 10,000-image class-balanced subset, batch 128, lr 0.1, 3 warm-up epochs into cosine, 12 epochs,
 2 seeds; rows E2E, R0, R1E in the paper's form, R1E with the learned gate, R1E with the default
 context mean "last", R1E with the mean at every boundary, R1E and R0 with supervised
-contrastive local losses, and R1E and R0 with DGL's auxiliary heads), ``gpu`` (the paper's
+contrastive local losses, R1E and R0 with DGL's auxiliary heads, and R1E and R0 with
+InfoPro's reconstruction loss, the reference's ``--h_reconstruct`` "decoder" rows), ``gpu`` (the paper's
 recipe: full data, 160 epochs, batch 1024, lr 0.8, 10 warm-up epochs, bf16, channels_last;
 ``--epochs`` to fit a lease, the same for every row) and ``smoke`` (seconds, for the tests).
 Accuracies on the shared JPEG-lossy CIFAR-10 copy are comparable with each other only, never
@@ -30,9 +33,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import statistics
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -102,7 +107,9 @@ PRESETS: Dict[str, Protocol] = {
                   "R1E supcon": _r1e("none", "last", "--loss", "supcon"),
                   "R0 supcon": _r0("--loss", "supcon"),
                   "R1E dgl": _r1e("none", "last", "--aux", "dgl"),
-                  "R0 dgl": _r0("--aux", "dgl")}),
+                  "R0 dgl": _r0("--aux", "dgl"),
+                  "R1E decoder": _r1e("none", "last", "--reconstruct"),
+                  "R0 decoder": _r0("--reconstruct")}),
     "gpu": Protocol(
         name="gpu", model="resnet32", K=16, epochs=160, subset=None, seeds=[0],
         batch_size=1024, lr=0.8, warmup_epochs=10, eval_every=5,
@@ -180,10 +187,11 @@ def run_protocol(p: Protocol, data_dir: str, runs_root: Path, jobs: int = 1,
                                        f"{proc.returncode}: " + " | ".join(tail))
                 log(f"done  {variant!r} seed {seed} in {time.time() - t0:.0f} s")
             time.sleep(0.5)
-    finally:  # interrupted: stop the children (each saves a checkpoint on SIGINT)
+    finally:  # interrupted: stop the children (each saves a checkpoint on SIGTERM; SIGINT
+        # would do too, but a harness started in the background passes SIGINT on as ignored)
         for _, _, _, proc, out, _ in running:
             if proc.poll() is None:
-                proc.send_signal(2)
+                proc.terminate()
         for _, _, _, proc, out, _ in running:
             try:
                 proc.wait(timeout=120)
@@ -337,6 +345,26 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
+class _TerminateAsInterrupt:
+    """In the main thread, SIGTERM raises KeyboardInterrupt, so that ``kill`` stops the harness
+    the way Ctrl-C does: its runs are stopped and checkpointed rather than left running."""
+
+    def __enter__(self):
+        self._old = None
+        if threading.current_thread() is threading.main_thread():
+            self._old = signal.signal(signal.SIGTERM, self._raise)
+        return self
+
+    @staticmethod
+    def _raise(signum, frame):
+        raise KeyboardInterrupt
+
+    def __exit__(self, *exc):
+        if self._old is not None:
+            signal.signal(signal.SIGTERM, self._old)
+        return False
+
+
 def main(argv: Optional[Sequence[str]] = None) -> dict:
     args = build_parser().parse_args(argv)
     p = PRESETS[args.preset]
@@ -364,7 +392,8 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
         logs = {v: {s: _load_log(_run_dir(runs_root, v, s)) for s in p.seeds} for v in p.variants}
     else:
         try:
-            logs = run_protocol(p, str(data_dir), runs_root, jobs=args.jobs, threads=args.threads)
+            with _TerminateAsInterrupt():
+                logs = run_protocol(p, str(data_dir), runs_root, jobs=args.jobs, threads=args.threads)
         except RuntimeError as exc:
             raise SystemExit(f"bench.accuracy: {exc}")
         except KeyboardInterrupt:

@@ -1,6 +1,11 @@
 """bench.accuracy: the A/B harness runs the real training CLI per (variant, seed), resumes,
 and writes the JSON summary and both plots."""
 import json
+import os
+import signal
+import subprocess
+import sys
+import time
 
 import pytest
 
@@ -69,3 +74,47 @@ def test_run_table_has_one_row_per_started_run():
     assert lines[2] == "| R0 | 0 | 20.00 | **40.50** | 4.00 |"  # the last epoch in bold
     assert lines[3] == "| R0 | 1 | 30.00 | - | 2.00 |"  # not reached yet
     assert len(lines) == 4  # seed 2 has not started
+
+
+def _processes_naming(text):
+    """PIDs of live processes whose command line contains ``text`` (Linux /proc)."""
+    pids = []
+    for d in os.listdir("/proc"):
+        if d.isdigit():
+            try:
+                with open(f"/proc/{d}/cmdline", "rb") as f:
+                    if text.encode() in f.read():
+                        pids.append(int(d))
+            except OSError:
+                pass
+    return pids
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc"), reason="needs /proc")
+def test_sigterm_stops_the_harness_and_checkpoints_its_runs(tiny_cifar, tmp_path):
+    """``kill`` (SIGTERM) on the harness stops every running run at a step boundary, each with a
+    checkpoint to resume from, and leaves no training process behind."""
+    runs = tmp_path / "runs"
+    cmd = [sys.executable, "-m", "bench.accuracy", "--preset", "smoke", "--data-dir", tiny_cifar,
+           "--runs", str(runs), "--out", str(tmp_path / "out"), "--jobs", "2", "--threads", "1",
+           "--epochs", "10000"]
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    harness = subprocess.Popen(cmd, cwd=root, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        logs = [runs / "R0_seed0" / "log.json", runs / "R1E_ramp_seed0" / "log.json"]
+        deadline = time.time() + 240
+        while not all(p.exists() for p in logs):  # both runs have finished an epoch
+            assert harness.poll() is None, harness.communicate()
+            assert time.time() < deadline, "runs did not start"
+            time.sleep(0.5)
+        harness.send_signal(signal.SIGTERM)
+        out, err = harness.communicate(timeout=180)
+    finally:
+        if harness.poll() is None:
+            harness.kill()
+            harness.wait()
+    assert harness.returncode != 0 and "interrupted" in err
+    for name in ("R0_seed0", "R1E_ramp_seed0"):
+        assert (runs / name / "checkpoint.pt").exists()
+        assert "checkpoint saved" in (runs / name / "train.out").read_text()
+    assert _processes_naming(str(runs)) == []
