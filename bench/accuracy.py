@@ -22,9 +22,10 @@ Presets: ``cpu`` (the 2-core CPU machine, resumable across sessions: ResNet-32, 
 2 seeds; rows E2E, R0, R1E in the paper's form, R1E with the learned gate, R1E with the default
 context mean "last", R1E with the mean at every boundary, R1E and R0 with supervised
 contrastive local losses, R1E and R0 with DGL's auxiliary heads, and R1E and R0 with
-InfoPro's reconstruction loss, the reference's ``--h_reconstruct`` "decoder" rows), ``gpu`` (the paper's
-recipe: full data, 160 epochs, batch 1024, lr 0.8, 10 warm-up epochs, bf16, channels_last;
-``--epochs`` to fit a lease, the same for every row) and ``smoke`` (seconds, for the tests).
+InfoPro's reconstruction loss, the reference's ``--h_reconstruct`` "decoder" rows), ``gpu``
+(the paper's recipe: full data, 160 epochs, batch 1024, lr 0.8, 10 warm-up epochs, bf16,
+channels_last; ``--epochs`` to fit a lease, the same for every row) and ``smoke`` (seconds,
+for the tests).
 Accuracies on the shared JPEG-lossy CIFAR-10 copy are comparable with each other only, never
 with published CIFAR-10 numbers.
 """

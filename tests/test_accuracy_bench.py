@@ -109,12 +109,18 @@ def test_sigterm_stops_the_harness_and_checkpoints_its_runs(tiny_cifar, tmp_path
             time.sleep(0.5)
         harness.send_signal(signal.SIGTERM)
         out, err = harness.communicate(timeout=180)
-    finally:
+    finally:  # on a failure, end the harness and any training process it left behind
         if harness.poll() is None:
             harness.kill()
             harness.wait()
+        left = _processes_naming(str(runs))
+        for pid in left:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:  # it ended on its own meanwhile
+                pass
+    assert left == []
     assert harness.returncode != 0 and "interrupted" in err
     for name in ("R0_seed0", "R1E_ramp_seed0"):
         assert (runs / name / "checkpoint.pt").exists()
         assert "checkpoint saved" in (runs / name / "train.out").read_text()
-    assert _processes_naming(str(runs)) == []
