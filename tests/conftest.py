@@ -1,7 +1,8 @@
 """Shared fixtures and markers.
 
 Markers: ``cuda`` (needs an NVIDIA GPU; skipped without one), ``slow`` (seconds to minutes;
-CI runs them). ``cifar10_root`` unpacks the shared CIFAR-10 copy once into a cache.
+CI runs them), ``reference`` (needs the authors' checkouts in ``$CONTSUP_REFERENCE_DIR``, see
+``scripts/fetch-references.sh``; skipped without them, so CI skips them). ``cifar10_root`` unpacks the shared CIFAR-10 copy once into a cache.
 """
 import os
 import pickle
@@ -25,6 +26,8 @@ import torch
 def pytest_configure(config):
     config.addinivalue_line("markers", "cuda: needs a CUDA GPU (skipped without one)")
     config.addinivalue_line("markers", "slow: takes seconds to minutes")
+    config.addinivalue_line("markers", "reference: needs the authors' code in $CONTSUP_REFERENCE_DIR "
+                                       "(skipped without it)")
 
 
 def pytest_collection_modifyitems(config, items):

@@ -1,0 +1,151 @@
+"""``python -m bench.parity``: float64 parity of LocalSequential against the authors' ContSup code.
+
+    python -m bench.parity --ref-dir .refs                       # every command.sh line, torch + native
+    python -m bench.parity --backends triton --only 'resnet32 K=4 R1E'   # Triton interpreter, a subset
+    CONTSUP_REFERENCE_DIR=.refs python -m bench.parity --quick    # the representative subset
+
+``--ref-dir`` (default ``$CONTSUP_REFERENCE_DIR``, else ``.refs``) holds the checkouts by
+repository name (``ContSup/`` here); ``scripts/fetch-references.sh`` fills it. Per configuration
+and backend: one training step in float64 on the same batch (labels with at least two examples
+per class present) after the reference's BatchNorms are randomised and its state copied into
+ours through an explicit name map, then two more SGD steps (the reference's optimiser: momentum
+0.9, Nesterov, weight decay 1e-4, its first-epoch learning rate 0.01). The table shows the
+largest relative error per compared quantity; MATCH is every one <= 1e-9 and a clean name map.
+JSON: ``bench/results/parity_cpu.json`` (``--name`` to change).
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import os
+import re
+import sys
+import time
+from typing import List, Optional
+
+import torch
+
+#: a small set covering every context mode, both losses, the decoder, both models, the balanced
+#: split and the K without a cut in the widest stage (K=2); used by ``--quick`` and the tests.
+QUICK = ["resnet32 K=2 R1E ce", "resnet32 K=4 E supcon", "resnet32 K=4 R1E ce +recon",
+         "resnet32 K=8 R2 ce", "resnet32 K=16 R0 ce", "resnet32 K=16 R1 supcon",
+         "resnet110 K=3 E supcon balanced"]
+
+
+def reference_dir(arg: Optional[str]) -> str:
+    """``--ref-dir``, else ``$CONTSUP_REFERENCE_DIR``, else ``.refs``."""
+    return arg or os.environ.get("CONTSUP_REFERENCE_DIR") or ".refs"
+
+
+def _batches(cfg, n: int, steps: int, seed: int):
+    from .core import labels_with_positives
+    gen = torch.Generator().manual_seed(seed)
+    mean, std = (torch.tensor(v, dtype=torch.float64).view(1, 3, 1, 1) for v in cfg.normalisation)
+    out = []
+    for _ in range(steps):
+        x01 = torch.rand(n, 3, cfg.image_size, cfg.image_size, generator=gen, dtype=torch.float64)
+        out.append(((x01 - mean) / std, labels_with_positives(n, cfg.classes, gen)))
+    return out
+
+
+def run_config(mods, cfg, backend: str, batch: int, steps: int = 3, seed: int = 0) -> dict:
+    """One configuration on one backend: the row of the table (with the full comparison)."""
+    from . import contsup as C
+    from .core import compare_records, verdict
+    resnet_mod, configs_mod = mods
+    t0 = time.perf_counter()
+    torch.manual_seed(seed)
+    ref = C.build_reference(resnet_mod, cfg, batch)
+    ours = C.build_ours(cfg, backend, configs_mod)
+    nmap = C.name_map(ref, ours)
+    split_same = C.split_of(ref) == list(ours.cut_points)
+    batches = _batches(cfg, batch, steps, seed)
+    gen = torch.Generator().manual_seed(seed + 1)
+    rec_ours, rec_ref, report = C.run_pair(ref, ours, nmap, batches, C.loss_scale(configs_mod, cfg), gen)
+    cmp = compare_records(rec_ours, rec_ref)
+    row = {"config": cfg.name, **C.config_dict(cfg), "backend": backend, "batch": batch,
+           "split_same": split_same, "ref_split": C.split_of(ref), "our_split": list(ours.cut_points),
+           "verdict": verdict(cmp, report) if split_same else "DIFFER",
+           "max_rel": max(c["rel"] for c in cmp.values()),
+           **{f"{k}_rel": v["rel"] for k, v in cmp.items()}, "comparison": cmp, "name_map": report.summary(),
+           "seconds": time.perf_counter() - t0}
+    del ref, ours, rec_ours, rec_ref
+    gc.collect()
+    return row
+
+
+COLUMNS = ["config", "backend", "batch", "verdict", "losses_rel", "inputs_rel", "outputs_rel", "logits_rel",
+           "grads_rel", "running_stats_rel", "eval_logits_rel", "params_rel", "updates_rel", "seconds"]
+
+
+def select(cfgs, only: Optional[List[str]]):
+    if not only:
+        return cfgs
+    return [c for c in cfgs if any(re.fullmatch(o, c.name) or o == c.name for o in only)]
+
+
+def main(argv=None) -> List[dict]:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--ref-dir", default=None, help="folder holding the checkouts by repository name "
+                                                    "(default $CONTSUP_REFERENCE_DIR, else .refs)")
+    p.add_argument("--backends", nargs="+", default=None,
+                   help="default: every backend available on the CPU but triton (use --backends triton)")
+    p.add_argument("--only", nargs="+", default=None, help="configuration names (regular expressions)")
+    p.add_argument("--quick", action="store_true", help="the representative subset QUICK")
+    p.add_argument("--no-extra", action="store_true", help="only command.sh lines (no balanced+recon extras)")
+    p.add_argument("--batch", type=int, default=8, help="batch for ResNet-32 (default 8)")
+    p.add_argument("--batch-110", type=int, default=4, help="batch for ResNet-110 at 32x32 (default 4)")
+    p.add_argument("--batch-96", type=int, default=2, help="batch for ResNet-110 at 96x96, STL-10 (default 2)")
+    p.add_argument("--steps", type=int, default=3, help="SGD steps (the first is the compared step)")
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch threads (default 1: on a shared 2-core machine more threads are slower)")
+    p.add_argument("--name", default="parity_cpu", help="JSON name under --out")
+    p.add_argument("--out", default=None, help="results folder (default bench/results)")
+    args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    if args.backends and "triton" in args.backends and not torch.cuda.is_available():
+        os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported
+    from contsup_fast.fused import available_backends
+    from ..common import environment, format_table, write_json
+    from . import contsup as C
+    root = reference_dir(args.ref_dir)
+    try:
+        mods = C.load(os.path.join(root, "ContSup"))
+    except (FileNotFoundError, ImportError) as exc:
+        raise SystemExit(f"bench.parity: {exc}")
+    avail = available_backends("cpu")
+    backends = args.backends or [b for b in avail if b != "triton"]
+    for b in backends:
+        if b not in avail:
+            raise SystemExit(f"bench.parity: backend {b!r} is not available on the CPU (available: {avail})")
+    cfgs = C.command_configs(os.path.join(root, "ContSup")) + ([] if args.no_extra else C.EXTRA)
+    cfgs = select(cfgs, QUICK if args.quick else args.only)
+    rows: List[dict] = []
+    for cfg in cfgs:
+        batch = args.batch if cfg.model == "resnet32" else (args.batch_96 if cfg.image_size == 96 else args.batch_110)
+        for b in backends:
+            try:
+                row = run_config(mods, cfg, b, batch, args.steps)
+            except Exception as exc:  # a configuration that cannot be built or run is a result too
+                row = {"config": cfg.name, **C.config_dict(cfg), "backend": b, "batch": batch,
+                       "verdict": "ERROR", "error": f"{type(exc).__name__}: {exc}"}
+            rows.append(row)
+            print(format_table([row], COLUMNS).splitlines()[-1], flush=True)
+    print()
+    print(format_table(rows, COLUMNS))
+    n_match = sum(r["verdict"] == "MATCH" for r in rows)
+    print(f"\n{n_match}/{len(rows)} MATCH (relative error <= 1e-9 in float64 on every quantity)")
+    payload = {"environment": environment(torch.device("cpu")),
+               "reference": "github.com/Tab-ct/ContSup (networks_dev, train.py, command.sh), run-time import",
+               "command": "python -m bench.parity " + " ".join(sys.argv[1:] if argv is None else argv),
+               "settings": {"backends": backends, "batch": args.batch, "batch_110": args.batch_110,
+                            "batch_96": args.batch_96, "steps": args.steps, "threads": args.threads, "lr": C.REF_LR, "dtype": "float64",
+                            "tolerance": 1e-9, "triton_interpret": os.environ.get("TRITON_INTERPRET")},
+               "rows": rows}
+    path = write_json(args.name, payload, args.out)
+    print(f"wrote {path}")
+    return rows
+
+
+if __name__ == "__main__":
+    main()
