@@ -75,7 +75,7 @@ def run_config(mods, cfg, backend: str, batch: int, steps: int = 3, seed: int = 
 
 
 COLUMNS = ["config", "backend", "batch", "verdict", "losses_rel", "inputs_rel", "outputs_rel", "logits_rel",
-           "grads_rel", "running_stats_rel", "eval_logits_rel", "params_rel", "updates_rel", "seconds"]
+           "grads_rel", "grads_zero_rel", "running_stats_rel", "eval_logits_rel", "params_rel", "updates_rel", "seconds"]
 
 
 def select(cfgs, only: Optional[List[str]]):

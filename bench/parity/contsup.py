@@ -158,7 +158,9 @@ def build_ours(cfg: Config, backend: str, configs_mod=None) -> nn.Module:
     """Our ``LocalSequential`` for ``cfg`` (see the module docstring), float64."""
     from contsup_fast import LocalSequential
     from contsup_fast.models.cifar_resnet import CifarResNet
-    mean, std = cfg.normalisation
+    from contsup_fast.local import REFERENCE_CIFAR_MEAN, REFERENCE_CIFAR_STD
+    # the library's option for the reference's constants (CLI --normalization reference)
+    mean, std = (REFERENCE_CIFAR_MEAN, REFERENCE_CIFAR_STD) if "cifar" in cfg.dataset else cfg.normalisation
     weights = None
     if cfg.h_reconstruct and cfg.dataset != "cifar10" and configs_mod is not None:
         # our preset table is CIFAR-10's: for another dataset pass the reference's weights
@@ -294,7 +296,7 @@ def run_pair(ref: nn.Module, ours: nn.Module, nmap: Dict[str, Optional[str]], ba
         opt.zero_grad(set_to_none=True)
         r = record_ref_step(net, x, y, scale) if side == "ref" else record_ours_step(net, x, y)
         key = ref_key if side == "ref" else our_key
-        r["grads"] = named_grads(net, key)
+        r.update(named_grads(net, key))
         r["running_stats"] = _buffers(net, key)
         if side == "ref":
             report.ref_only_used = [n for n, p in net.named_parameters() if nmap.get(n) is None
