@@ -29,7 +29,11 @@ import torch
 #: split and the K without a cut in the widest stage (K=2); used by ``--quick`` and the tests.
 QUICK = ["resnet32 K=2 R1E ce", "resnet32 K=4 E supcon", "resnet32 K=4 R1E ce +recon",
          "resnet32 K=8 R2 ce", "resnet32 K=16 R0 ce", "resnet32 K=16 R1 supcon",
-         "resnet110 K=3 E supcon balanced"]
+         "resnet110 K=3 E supcon balanced", "InfoPro resnet32 K=4 R0 supcon \\+recon",
+         "DGL mlp-sr head 32x16x16"]
+
+#: the references this harness runs, by ``--references`` name
+SIDES = {"contsup": "contsup", "infopro": "infopro", "dgl": "dgl"}
 
 
 def reference_dir(arg: Optional[str]) -> str:
@@ -48,24 +52,27 @@ def _batches(cfg, n: int, steps: int, seed: int):
     return out
 
 
-def run_config(mods, cfg, backend: str, batch: int, steps: int = 3, seed: int = 0) -> dict:
-    """One configuration on one backend: the row of the table (with the full comparison)."""
+def run_config(mods, cfg, backend: str, batch: int, steps: int = 3, seed: int = 0, side=None) -> dict:
+    """One configuration on one backend: the row of the table (with the full comparison).
+    ``side`` is the reference's module (:mod:`bench.parity.contsup` by default, or
+    :mod:`bench.parity.infopro`) giving ``build_reference``, ``build_ours`` and ``loss_scale``."""
     from . import contsup as C
     from .core import compare_records, verdict
+    side = side or C
     resnet_mod, configs_mod = mods
     t0 = time.perf_counter()
     torch.manual_seed(seed)
-    ref = C.build_reference(resnet_mod, cfg, batch)
-    ours = C.build_ours(cfg, backend, configs_mod)
+    ref = side.build_reference(resnet_mod, cfg, batch)
+    ours = side.build_ours(cfg, backend, configs_mod)
     nmap = C.name_map(ref, ours)
     split_same = C.split_of(ref) == list(ours.cut_points)
     batches = _batches(cfg, batch, steps, seed)
     gen = torch.Generator().manual_seed(seed + 1)
-    rec_ours, rec_ref, report = C.run_pair(ref, ours, nmap, batches, C.loss_scale(configs_mod, cfg), gen)
+    rec_ours, rec_ref, report = C.run_pair(ref, ours, nmap, batches, side.loss_scale(configs_mod, cfg), gen)
     cmp = compare_records(rec_ours, rec_ref)
-    row = {"config": cfg.name, **C.config_dict(cfg), "backend": backend, "batch": batch,
-           "split_same": split_same, "ref_split": C.split_of(ref), "our_split": list(ours.cut_points),
-           "verdict": verdict(cmp, report) if split_same else "DIFFER",
+    row = {"reference": side.REFERENCE, "config": cfg.name, **C.config_dict(cfg), "backend": backend,
+           "batch": batch, "split_same": split_same, "ref_split": C.split_of(ref),
+           "our_split": list(ours.cut_points), "verdict": verdict(cmp, report) if split_same else "DIFFER",
            "max_rel": max(c["rel"] for c in cmp.values()),
            **{f"{k}_rel": v["rel"] for k, v in cmp.items()}, "comparison": cmp, "name_map": report.summary(),
            "seconds": time.perf_counter() - t0}
@@ -90,6 +97,8 @@ def main(argv=None) -> List[dict]:
                                                     "(default $CONTSUP_REFERENCE_DIR, else .refs)")
     p.add_argument("--backends", nargs="+", default=None,
                    help="default: every backend available on the CPU but triton (use --backends triton)")
+    p.add_argument("--references", nargs="+", default=list(SIDES), choices=list(SIDES),
+                   help="which authors' code to compare against (default: all)")
     p.add_argument("--only", nargs="+", default=None, help="configuration names (regular expressions)")
     p.add_argument("--quick", action="store_true", help="the representative subset QUICK")
     p.add_argument("--no-extra", action="store_true", help="only command.sh lines (no balanced+recon extras)")
@@ -107,36 +116,50 @@ def main(argv=None) -> List[dict]:
         os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported
     from contsup_fast.fused import available_backends
     from ..common import environment, format_table, write_json
+    import importlib
     from . import contsup as C
     root = reference_dir(args.ref_dir)
-    try:
-        mods = C.load(os.path.join(root, "ContSup"))
-    except (FileNotFoundError, ImportError) as exc:
-        raise SystemExit(f"bench.parity: {exc}")
     avail = available_backends("cpu")
     backends = args.backends or [b for b in avail if b != "triton"]
     for b in backends:
         if b not in avail:
             raise SystemExit(f"bench.parity: backend {b!r} is not available on the CPU (available: {avail})")
-    cfgs = C.command_configs(os.path.join(root, "ContSup")) + ([] if args.no_extra else C.EXTRA)
-    cfgs = select(cfgs, QUICK if args.quick else args.only)
     rows: List[dict] = []
-    for cfg in cfgs:
-        batch = args.batch if cfg.model == "resnet32" else (args.batch_96 if cfg.image_size == 96 else args.batch_110)
-        for b in backends:
-            try:
-                row = run_config(mods, cfg, b, batch, args.steps)
-            except Exception as exc:  # a configuration that cannot be built or run is a result too
-                row = {"config": cfg.name, **C.config_dict(cfg), "backend": b, "batch": batch,
-                       "verdict": "ERROR", "error": f"{type(exc).__name__}: {exc}"}
-            rows.append(row)
-            print(format_table([row], COLUMNS).splitlines()[-1], flush=True)
+    for ref_name in args.references:
+        side = importlib.import_module(f"bench.parity.{SIDES[ref_name]}")
+        folder = os.path.join(root, side.DIRNAME)
+        try:
+            mods = side.load(folder)
+        except (FileNotFoundError, ImportError) as exc:
+            raise SystemExit(f"bench.parity: {exc}")
+        cfgs = side.command_configs(folder) + ([] if args.no_extra else getattr(side, "EXTRA", []))
+        cfgs = select(cfgs, QUICK if args.quick else args.only)
+        if hasattr(side, "run_head"):  # head-level comparison (no backend involved)
+            for cfg in cfgs:
+                row = side.run_head(mods, cfg, args.batch)
+                rows.append(row)
+                print(format_table([row], COLUMNS).splitlines()[-1], flush=True)
+            continue
+        for cfg in cfgs:
+            batch = args.batch if cfg.model == "resnet32" else (args.batch_96 if cfg.image_size == 96
+                                                                 else args.batch_110)
+            for b in backends:
+                try:
+                    row = run_config(mods, cfg, b, batch, args.steps, side=side)
+                except Exception as exc:  # a configuration that cannot be built or run is a result too
+                    row = {"reference": side.REFERENCE, "config": cfg.name, **C.config_dict(cfg), "backend": b,
+                           "batch": batch, "verdict": "ERROR", "error": f"{type(exc).__name__}: {exc}"}
+                rows.append(row)
+                print(format_table([row], COLUMNS).splitlines()[-1], flush=True)
     print()
     print(format_table(rows, COLUMNS))
     n_match = sum(r["verdict"] == "MATCH" for r in rows)
     print(f"\n{n_match}/{len(rows)} MATCH (relative error <= 1e-9 in float64 on every quantity)")
     payload = {"environment": environment(torch.device("cpu")),
-               "reference": "github.com/Tab-ct/ContSup (networks_dev, train.py, command.sh), run-time import",
+               "references": {"ContSup": "github.com/Tab-ct/ContSup (networks_dev, train.py, command.sh)",
+                              "InfoPro": "github.com/blackfeather-wang/InfoPro-Pytorch (Experiments on "
+                                         "CIFAR-SVHN-STL10: networks, train.py, comand.sh)",
+                              "DGL": "github.com/eugenium/DGL (auxiliary_nets_study/models.py, mlp-sr head)"},
                "command": "python -m bench.parity " + " ".join(sys.argv[1:] if argv is None else argv),
                "settings": {"backends": backends, "batch": args.batch, "batch_110": args.batch_110,
                             "batch_96": args.batch_96, "steps": args.steps, "threads": args.threads, "lr": C.REF_LR, "dtype": "float64",

@@ -38,6 +38,9 @@ from .core import (MapReport, copy_by_map, named_grads, randomize_bn, record_our
 __all__ = ["Config", "command_configs", "EXTRA", "load", "build_reference", "build_ours", "name_map",
            "record_ref_step", "loss_scale", "REF_CIFAR_MEAN", "REF_CIFAR_STD"]
 
+REFERENCE = "ContSup"
+DIRNAME = "ContSup"  # the checkout's folder under --ref-dir
+
 #: the reference train.py's normalisation constants (CIFAR; other datasets use 127.5/255).
 REF_CIFAR_MEAN = tuple(v / 255.0 for v in (125.3, 123.0, 113.9))
 REF_CIFAR_STD = tuple(v / 255.0 for v in (63.0, 62.1, 66.7))
@@ -203,7 +206,7 @@ def name_map(ref: nn.Module, ours: nn.Module) -> Dict[str, Optional[str]]:
         m = re.match(r"local_modules\.(\d+)\.body\.(.+)$", n)
         if m:
             body_of[m.group(2)] = f"local_modules.{m.group(1)}.body.{m.group(2)}"
-    cuts = {f"{s}_{b}": c for c, (s, b) in enumerate(ref.ContSup_config)}
+    cuts = {f"{s}_{b}": c for c, (s, b) in enumerate(cut_table(ref))}
     out: Dict[str, Optional[str]] = {}
     for rname in ref.state_dict():
         target = None
@@ -232,23 +235,32 @@ def _optional(rname: str) -> bool:
     return rname.startswith(("decoder_", "cont_sup_node."))
 
 
+def cut_table(ref: nn.Module) -> List[Tuple[int, int]]:
+    """The reference's ``(stage, block)`` cuts: ContSup's ``ContSup_config`` or InfoPro's
+    ``infopro_config`` (the same code lineage)."""
+    table = getattr(ref, "ContSup_config", None)
+    return [tuple(c) for c in (table if table is not None else ref.infopro_config)]
+
+
 def split_of(ref: nn.Module) -> List[str]:
     """The reference's cuts as our fx node names (``(S, B)`` -> ``layerS_B``, ``(0, 0)`` -> ``relu``)."""
-    return ["relu" if s == 0 else f"layer{s}_{b}" for s, b in ref.ContSup_config]
+    return ["relu" if s == 0 else f"layer{s}_{b}" for s, b in cut_table(ref)]
 
 
 def record_ref_step(net: nn.Module, x: Tensor, y: Tensor, scale) -> Dict[str, Dict[str, Tensor]]:
     """One reference training call ``net(img=x, target=y, ixx_1=..)`` (gradients accumulate),
     recorded in the categories of :func:`~bench.parity.core.record_ours_step`: the tensor of
-    each ``backward`` call in order (K local losses), module inputs ``a_j`` (the image, then
-    the ContSup node's outputs) and outputs ``h_j`` (the node's input ``x``, cloned before the
-    node adds to it in place; the last module's is the logits)."""
-    node = net.cont_sup_node
+    each ``backward`` call in order (K local losses), module outputs ``h_j`` (the input of cut
+    j's auxiliary classifier; the last module's is the logits) and inputs ``a_j`` (the image,
+    then ContSup's node outputs, or for InfoPro, which has no context, ``h_{j-1}``)."""
+    node = getattr(net, "cont_sup_node", None)
     losses: List[Tensor] = []
     hs: List[Tensor] = []
     As: List[Tensor] = [x.detach().clone()]
-    pre = node.register_forward_pre_hook(lambda mod, args: hs.append(args[1].detach().clone()))
-    post = node.register_forward_hook(lambda mod, args, out: As.append(out[0].detach().clone()))
+    hooks = [getattr(net, f"aux_classifier_{s}_{b}").register_forward_pre_hook(
+        lambda mod, args: hs.append(args[0].detach().clone())) for s, b in cut_table(net)]
+    if node is not None:
+        hooks.append(node.register_forward_hook(lambda mod, args, out: As.append(out[0].detach().clone())))
     original = torch.Tensor.backward
 
     def recording_backward(self, *a, **k):
@@ -260,8 +272,10 @@ def record_ref_step(net: nn.Module, x: Tensor, y: Tensor, scale) -> Dict[str, Di
         logits, _ = net(img=x, target=y, ixx_1=scale[0], ixy_1=scale[1], ixx_2=scale[2], ixy_2=scale[3])
     finally:
         torch.Tensor.backward = original
-        pre.remove()
-        post.remove()
+        for h in hooks:
+            h.remove()
+    if node is None:
+        As += hs
     hs.append(logits.detach())
     return {"losses": {f"loss{j}": l for j, l in enumerate(losses)},
             "inputs": {f"a{j}": a for j, a in enumerate(As)},
