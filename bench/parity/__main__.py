@@ -17,10 +17,13 @@ from __future__ import annotations
 
 import argparse
 import gc
+import json
 import os
 import re
+import shlex
 import sys
 import time
+from pathlib import Path
 from typing import List, Optional
 
 import torch
@@ -31,6 +34,11 @@ QUICK = ["resnet32 K=2 R1E ce", "resnet32 K=4 E supcon", "resnet32 K=4 R1E ce +r
          "resnet32 K=8 R2 ce", "resnet32 K=16 R0 ce", "resnet32 K=16 R1 supcon",
          "resnet110 K=3 E supcon balanced", "InfoPro resnet32 K=4 R0 supcon \\+recon",
          "DGL mlp-sr head 32x16x16"]
+
+REFERENCES = {"ContSup": "github.com/Tab-ct/ContSup (networks_dev, train.py, command.sh)",
+              "InfoPro": "github.com/blackfeather-wang/InfoPro-Pytorch (Experiments on CIFAR-SVHN-STL10: "
+                         "networks, train.py, comand.sh)",
+              "DGL": "github.com/eugenium/DGL (auxiliary_nets_study/models.py, mlp-sr head)"}
 
 #: the references this harness runs, by ``--references`` name
 SIDES = {"contsup": "contsup", "infopro": "infopro", "dgl": "dgl"}
@@ -100,6 +108,7 @@ def main(argv=None) -> List[dict]:
     p.add_argument("--references", nargs="+", default=list(SIDES), choices=list(SIDES),
                    help="which authors' code to compare against (default: all)")
     p.add_argument("--only", nargs="+", default=None, help="configuration names (regular expressions)")
+    p.add_argument("--skip", nargs="+", default=None, help="configuration names to leave out (regular expressions)")
     p.add_argument("--quick", action="store_true", help="the representative subset QUICK")
     p.add_argument("--no-extra", action="store_true", help="only command.sh lines (no balanced+recon extras)")
     p.add_argument("--batch", type=int, default=8, help="batch for ResNet-32 (default 8)")
@@ -110,12 +119,14 @@ def main(argv=None) -> List[dict]:
                    help="torch threads (default 1: on a shared 2-core machine more threads are slower)")
     p.add_argument("--name", default="parity_cpu", help="JSON name under --out")
     p.add_argument("--out", default=None, help="results folder (default bench/results)")
+    p.add_argument("--append", action="store_true",
+                   help="keep the rows already in the JSON and skip the (configuration, backend) pairs it has")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     if args.backends and "triton" in args.backends and not torch.cuda.is_available():
         os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported
     from contsup_fast.fused import available_backends
-    from ..common import environment, format_table, write_json
+    from ..common import RESULTS, environment, format_table, write_json
     import importlib
     from . import contsup as C
     root = reference_dir(args.ref_dir)
@@ -125,6 +136,31 @@ def main(argv=None) -> List[dict]:
         if b not in avail:
             raise SystemExit(f"bench.parity: backend {b!r} is not available on the CPU (available: {avail})")
     rows: List[dict] = []
+    command = "python -m bench.parity " + shlex.join(sys.argv[1:] if argv is None else argv)
+    commands = [command]
+    done = set()
+    previous = Path(args.out or RESULTS) / f"{args.name}.json"
+    if args.append and previous.is_file():
+        old = json.loads(previous.read_text())
+        rows += old["rows"]
+        commands = old.get("commands", [old.get("command")]) + [command]
+        done = {(r["config"], r["backend"]) for r in rows}
+
+    def save():
+        payload = {"environment": environment(torch.device("cpu")), "references": REFERENCES,
+                   "commands": commands,
+                   "settings": {"backends": backends, "batch": args.batch, "batch_110": args.batch_110,
+                                "batch_96": args.batch_96, "steps": args.steps, "threads": args.threads,
+                                "lr": C.REF_LR, "dtype": "float64", "tolerance": 1e-9,
+                                "triton_interpret": os.environ.get("TRITON_INTERPRET")},
+                   "rows": rows}
+        return write_json(args.name, payload, args.out)
+
+    def add(row):
+        rows.append(row)
+        save()  # after every row, so that a long run that is stopped keeps what it measured
+        print(format_table([row], COLUMNS).splitlines()[-1], flush=True)
+
     for ref_name in args.references:
         side = importlib.import_module(f"bench.parity.{SIDES[ref_name]}")
         folder = os.path.join(root, side.DIRNAME)
@@ -134,39 +170,30 @@ def main(argv=None) -> List[dict]:
             raise SystemExit(f"bench.parity: {exc}")
         cfgs = side.command_configs(folder) + ([] if args.no_extra else getattr(side, "EXTRA", []))
         cfgs = select(cfgs, QUICK if args.quick else args.only)
+        if args.skip:
+            cfgs = [c for c in cfgs if c not in select(cfgs, args.skip)]
         if hasattr(side, "run_head"):  # head-level comparison (no backend involved)
             for cfg in cfgs:
-                row = side.run_head(mods, cfg, args.batch)
-                rows.append(row)
-                print(format_table([row], COLUMNS).splitlines()[-1], flush=True)
+                if (cfg.name, "-") not in done:
+                    add(side.run_head(mods, cfg, args.batch))
             continue
         for cfg in cfgs:
             batch = args.batch if cfg.model == "resnet32" else (args.batch_96 if cfg.image_size == 96
                                                                  else args.batch_110)
             for b in backends:
+                if (cfg.name, b) in done:
+                    continue
                 try:
                     row = run_config(mods, cfg, b, batch, args.steps, side=side)
                 except Exception as exc:  # a configuration that cannot be built or run is a result too
                     row = {"reference": side.REFERENCE, "config": cfg.name, **C.config_dict(cfg), "backend": b,
                            "batch": batch, "verdict": "ERROR", "error": f"{type(exc).__name__}: {exc}"}
-                rows.append(row)
-                print(format_table([row], COLUMNS).splitlines()[-1], flush=True)
+                add(row)
     print()
     print(format_table(rows, COLUMNS))
     n_match = sum(r["verdict"] == "MATCH" for r in rows)
     print(f"\n{n_match}/{len(rows)} MATCH (relative error <= 1e-9 in float64 on every quantity)")
-    payload = {"environment": environment(torch.device("cpu")),
-               "references": {"ContSup": "github.com/Tab-ct/ContSup (networks_dev, train.py, command.sh)",
-                              "InfoPro": "github.com/blackfeather-wang/InfoPro-Pytorch (Experiments on "
-                                         "CIFAR-SVHN-STL10: networks, train.py, comand.sh)",
-                              "DGL": "github.com/eugenium/DGL (auxiliary_nets_study/models.py, mlp-sr head)"},
-               "command": "python -m bench.parity " + " ".join(sys.argv[1:] if argv is None else argv),
-               "settings": {"backends": backends, "batch": args.batch, "batch_110": args.batch_110,
-                            "batch_96": args.batch_96, "steps": args.steps, "threads": args.threads, "lr": C.REF_LR, "dtype": "float64",
-                            "tolerance": 1e-9, "triton_interpret": os.environ.get("TRITON_INTERPRET")},
-               "rows": rows}
-    path = write_json(args.name, payload, args.out)
-    print(f"wrote {path}")
+    print(f"wrote {save()}")
     return rows
 
 
