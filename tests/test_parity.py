@@ -168,3 +168,15 @@ def test_contsup_reference_parity_quick(tmp_path):
     assert rows and (tmp_path / "parity_test.json").is_file()
     bad = {r["config"]: (r["verdict"], r.get("error"), r.get("max_rel")) for r in rows if r["verdict"] != "MATCH"}
     assert not bad, f"configurations that differ from the reference: {bad}"
+
+
+def test_summary_lists_every_row_that_differs():
+    from bench.parity.summary import summarise
+    ok = {"reference": "ContSup", "model": "resnet32", "backend": "torch", "config": "a", "verdict": "MATCH",
+          "grads_rel": 1e-15, "comparison": {"grads": {"rel": 1e-15, "worst": "w"}}}
+    bad = dict(ok, config="b", verdict="DIFFER", grads_rel=0.5, comparison={"grads": {"rel": 0.5, "worst": "x.bias"}})
+    err = {"reference": "ContSup", "model": "resnet32", "backend": "native", "config": "c", "verdict": "ERROR",
+           "error": "RuntimeError: boom"}
+    text = summarise({"rows": [ok, bad, err]})
+    assert "| ContSup | resnet32 | torch | 1/2 |" in text and "| ContSup | resnet32 | native | 0/1 |" in text
+    assert "| b | torch | DIFFER | grads | 5.0e-01 | x.bias |" in text and "boom" in text
