@@ -1,4 +1,4 @@
-"""``python -m bench.parity``: float64 parity of LocalSequential against the authors' ContSup code.
+"""``python -m bench.parity``: float64 parity of LocalSequential against the authors' code (ContSup, InfoPro, AugLocal, DGL).
 
     python -m bench.parity --ref-dir .refs                       # every command.sh line, torch + native
     python -m bench.parity --backends triton --only 'resnet32 K=4 R1E'   # Triton interpreter, a subset
@@ -33,15 +33,16 @@ import torch
 QUICK = ["resnet32 K=2 R1E ce", "resnet32 K=4 E supcon", "resnet32 K=4 R1E ce +recon",
          "resnet32 K=8 R2 ce", "resnet32 K=16 R0 ce", "resnet32 K=16 R1 supcon",
          "resnet110 K=3 E supcon balanced", "InfoPro resnet32 K=4 R0 supcon \\+recon",
-         "DGL mlp-sr head 32x16x16"]
+         "DGL mlp-sr head 32x16x16", r"AugLocal resnet32 K=16 d=1 gamma=0.5 \(15 modules, ref split\)"]
 
 REFERENCES = {"ContSup": "github.com/Tab-ct/ContSup (networks_dev, train.py, command.sh)",
               "InfoPro": "github.com/blackfeather-wang/InfoPro-Pytorch (Experiments on CIFAR-SVHN-STL10: "
                          "networks, train.py, comand.sh)",
-              "DGL": "github.com/eugenium/DGL (auxiliary_nets_study/models.py, mlp-sr head)"}
+              "DGL": "github.com/eugenium/DGL (auxiliary_nets_study/models.py, mlp-sr head)",
+              "AugLocal": "github.com/ChenxiangMA/AugLocal (networks, train.py, run.sh)"}
 
 #: the references this harness runs, by ``--references`` name
-SIDES = {"contsup": "contsup", "infopro": "infopro", "dgl": "dgl"}
+SIDES = {"contsup": "contsup", "infopro": "infopro", "dgl": "dgl", "auglocal": "auglocal"}
 
 
 def reference_dir(arg: Optional[str]) -> str:
@@ -72,7 +73,7 @@ def run_config(mods, cfg, backend: str, batch: int, steps: int = 3, seed: int = 
     torch.manual_seed(seed)
     ref = side.build_reference(resnet_mod, cfg, batch)
     ours = side.build_ours(cfg, backend, configs_mod)
-    nmap = C.name_map(ref, ours)
+    nmap = getattr(side, "name_map", C.name_map)(ref, ours)
     split_same = C.split_of(ref) == list(ours.cut_points)
     batches = _batches(cfg, batch, steps, seed)
     gen = torch.Generator().manual_seed(seed + 1)

@@ -184,7 +184,11 @@ _ENCODER = {"0": "conv1", "1": "bn1", "3": "conv2", "4": "bn2"}
 _RESENCODER = {"0": "conv", "1": "bn"}
 
 
-def name_map(ref: nn.Module, ours: nn.Module) -> Dict[str, Optional[str]]:
+def _head_1c2f(ref: nn.Module, cut: str, index: str) -> str:
+    return _HEAD_1C2F[index]
+
+
+def name_map(ref: nn.Module, ours: nn.Module, head_target=_head_1c2f) -> Dict[str, Optional[str]]:
     """Reference state name -> our state name (None: no counterpart).
 
     * backbone ``conv1 bn1 layerS.B.* fc`` -> ``local_modules.j.body.<same>`` for the module j
@@ -199,6 +203,8 @@ def name_map(ref: nn.Module, ours: nn.Module) -> Dict[str, Optional[str]]:
 
     The reference builds a decoder, an image encoder and a residual encoder at every cut
     whether its options use them or not; those map to our tensors only when ours builds them.
+    ``head_target(ref, "S_B", index)`` names our head's submodule for the reference head's
+    ``head.<index>`` (default: the 1c2f table above).
     """
     ours_names = set(ours.state_dict())
     body_of = {}
@@ -216,7 +222,7 @@ def name_map(ref: nn.Module, ours: nn.Module) -> Dict[str, Optional[str]]:
         if m:
             c = cuts[m.group(2)]
             if m.group(1) == "aux_classifier":
-                target = f"local_modules.{c}.head.{_HEAD_1C2F[m.group(4)]}.{m.group(5)}"
+                target = f"local_modules.{c}.head.{head_target(ref, m.group(2), m.group(4))}.{m.group(5)}"
             else:
                 target = f"local_modules.{c}.decoder.net.{m.group(4)}.{m.group(5)}"
         elif e:
@@ -236,10 +242,14 @@ def _optional(rname: str) -> bool:
 
 
 def cut_table(ref: nn.Module) -> List[Tuple[int, int]]:
-    """The reference's ``(stage, block)`` cuts: ContSup's ``ContSup_config`` or InfoPro's
-    ``infopro_config`` (the same code lineage)."""
-    table = getattr(ref, "ContSup_config", None)
-    return [tuple(c) for c in (table if table is not None else ref.infopro_config)]
+    """The reference's ``(stage, block)`` cuts: ContSup's ``ContSup_config``, InfoPro's
+    ``infopro_config`` or AugLocal's ``net_config`` (``(stage, block, layer)``; the same code
+    lineage)."""
+    for attr in ("ContSup_config", "infopro_config", "net_config"):  # ContSup, InfoPro, AugLocal
+        table = getattr(ref, attr, None)
+        if table is not None:
+            return [(c[0], c[1]) for c in table]
+    raise ValueError(f"{type(ref).__name__} has no table of cuts")
 
 
 def split_of(ref: nn.Module) -> List[str]:
@@ -269,7 +279,7 @@ def record_ref_step(net: nn.Module, x: Tensor, y: Tensor, scale) -> Dict[str, Di
 
     torch.Tensor.backward = recording_backward
     try:
-        logits, _ = net(img=x, target=y, ixx_1=scale[0], ixy_1=scale[1], ixx_2=scale[2], ixy_2=scale[3])
+        logits = net(img=x, target=y, ixx_1=scale[0], ixy_1=scale[1], ixx_2=scale[2], ixy_2=scale[3])[0]
     finally:
         torch.Tensor.backward = original
         for h in hooks:
