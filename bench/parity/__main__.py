@@ -106,8 +106,8 @@ def main(argv=None) -> List[dict]:
                                                     "(default $CONTSUP_REFERENCE_DIR, else .refs)")
     p.add_argument("--backends", nargs="+", default=None,
                    help="default: every backend available on the CPU but triton (use --backends triton)")
-    p.add_argument("--references", nargs="+", default=list(SIDES), choices=list(SIDES),
-                   help="which authors' code to compare against (default: all)")
+    p.add_argument("--references", nargs="+", default=None, choices=list(SIDES),
+                   help="which authors' code to compare against (default: every one whose checkout is there)")
     p.add_argument("--only", nargs="+", default=None, help="configuration names (regular expressions)")
     p.add_argument("--skip", nargs="+", default=None, help="configuration names to leave out (regular expressions)")
     p.add_argument("--quick", action="store_true", help="the representative subset QUICK")
@@ -162,13 +162,16 @@ def main(argv=None) -> List[dict]:
         save()  # after every row, so that a long run that is stopped keeps what it measured
         print(format_table([row], COLUMNS).splitlines()[-1], flush=True)
 
-    for ref_name in args.references:
+    for ref_name in args.references or list(SIDES):
         side = importlib.import_module(f"bench.parity.{SIDES[ref_name]}")
         folder = os.path.join(root, side.DIRNAME)
         try:
             mods = side.load(folder)
         except (FileNotFoundError, ImportError) as exc:
-            raise SystemExit(f"bench.parity: {exc}")
+            if args.references:  # named on the command line: its absence is an error
+                raise SystemExit(f"bench.parity: {exc}")
+            print(f"bench.parity: skipping {side.REFERENCE}: {exc}", flush=True)
+            continue
         cfgs = side.command_configs(folder) + ([] if args.no_extra else getattr(side, "EXTRA", []))
         cfgs = select(cfgs, QUICK if args.quick else args.only)
         if args.skip:
