@@ -80,7 +80,7 @@ def run_config(mods, cfg, backend: str, batch: int, steps: int = 3, seed: int = 
     rec_ours, rec_ref, report = C.run_pair(ref, ours, nmap, batches, side.loss_scale(configs_mod, cfg), gen)
     cmp = compare_records(rec_ours, rec_ref)
     row = {"reference": side.REFERENCE, "config": cfg.name, **C.config_dict(cfg), "backend": backend,
-           "batch": batch, "split_same": split_same, "ref_split": C.split_of(ref),
+           "batch": batch, "steps": steps, "split_same": split_same, "ref_split": C.split_of(ref),
            "our_split": list(ours.cut_points), "verdict": verdict(cmp, report) if split_same else "DIFFER",
            "max_rel": max(c["rel"] for c in cmp.values()),
            **{f"{k}_rel": v["rel"] for k, v in cmp.items()}, "comparison": cmp, "name_map": report.summary(),
