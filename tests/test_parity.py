@@ -163,8 +163,12 @@ _REF = os.environ.get("CONTSUP_REFERENCE_DIR")
                     reason="CONTSUP_REFERENCE_DIR does not hold a ContSup checkout (scripts/fetch-references.sh)")
 def test_contsup_reference_parity_quick(tmp_path):
     from bench.parity.__main__ import main
-    rows = main(["--ref-dir", _REF, "--quick", "--backends", "torch", "--out", str(tmp_path),
-                 "--name", "parity_test"])
+    threads = torch.get_num_threads()
+    try:  # main() sets one torch thread for the process
+        rows = main(["--ref-dir", _REF, "--quick", "--backends", "torch", "--out", str(tmp_path),
+                     "--name", "parity_test"])
+    finally:
+        torch.set_num_threads(threads)
     assert rows and (tmp_path / "parity_test.json").is_file()
     bad = {r["config"]: (r["verdict"], r.get("error"), r.get("max_rel")) for r in rows if r["verdict"] != "MATCH"}
     assert not bad, f"configurations that differ from the reference: {bad}"
