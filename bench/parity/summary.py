@@ -25,7 +25,7 @@ def summarise(payload: Dict) -> str:
     rows: List[dict] = payload["rows"]
     groups: Dict[tuple, List[dict]] = {}
     for r in rows:
-        model = r.get("model") or "head"
+        model = (r.get("model") or "head") + ("" if r.get("dataset", "cifar10") == "cifar10" else f" {r['dataset']}")
         groups.setdefault((r.get("reference", "ContSup"), model, r["backend"]), []).append(r)
     head = ["reference", "model", "backend", "MATCH"] + QUANTITIES
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
