@@ -36,9 +36,9 @@ from torch import Tensor
 
 from . import _common
 from ._common import (INTERPRETED, _planned_for_gpu, acc_dtype, add_base, bn_fold, check_bn_args,
-                      resident_programs, check_tensor, check_vec, chunk_block, chunk_bounds, define_op, dot_config,
-                      launch, mma, pixel_block, pool_factor, pow2, split_pixels, split_plan,
-                      strides4, to_acc, zeros_acc)
+                      check_tensor, check_vec, chunk_block, chunk_bounds, define_op, dot_config,
+                      launch, mma, pixel_block, pool_factor, pow2, resident_programs, split_pixels,
+                      split_plan, strides4, to_acc, zeros_acc)
 
 
 # ----------------------------------------------------------------------------------------
@@ -269,11 +269,18 @@ def _k_block(K9: int, acc: torch.dtype, cap: int = 128) -> int:
 WARPS = 8
 #: K chunk (patch rows) of the implicit-GEMM conv recomputes (9*C_in = 108 pads to 112)
 GPU_CONV_CHUNK = 16
-CONV_CHUNK = 128 if INTERPRETED else GPU_CONV_CHUNK
 #: pooled positions per step of the backward sums (a (C, 128) G tile stays in registers)
 GPU_SUMS_Q = 16
 #: channels per block and lanes per region of the grad_u kernel
 GPU_GRAD_U_C, GPU_GRAD_U_LANES = 16, 128  # 256 lanes spill in fp32 on sm_90 (8 warps)
+#: True: the tiles above (always on a GPU). The interpreter's cost is per program and per op,
+#: so there it takes fewer, larger tiles unless a test sets this to True to run the GPU tiling
+#: itself (tests/test_kernels_image_context.py::test_gpu_tiling_under_the_interpreter).
+GPU_TILING = not INTERPRETED
+
+
+def _conv_chunk() -> int:
+    return GPU_CONV_CHUNK if GPU_TILING else 128
 
 
 def patch_moments(u: Tensor) -> Tuple[Tensor, Tensor]:
@@ -287,7 +294,8 @@ def patch_moments(u: Tensor) -> Tuple[Tensor, Tensor]:
     _, prec, upcast = dot_config(u.dtype, stats=True)
     # 32-row tiles on a GPU compute 10 of 16 tiles for 9*C_in = 108 (64-row: 3 of 4, 20%
     # more FLOPs); the interpreter's cost is per program, so it takes fewer, larger tiles
-    block_k, block_p = _k_block(K9, acc, cap=64 if INTERPRETED else 32), pixel_block(P, 32)
+    block_k = _k_block(K9, acc, cap=32 if GPU_TILING else 64)
+    block_p = pow2(P, 16, 32) if GPU_TILING else pixel_block(P, 32)
     kt = triton.cdiv(K9, block_k)
     piv = (u[0, :, 0, 0].to(acc).repeat_interleave(9) if shift
            else torch.zeros(K9, dtype=acc, device=u.device))
@@ -314,7 +322,8 @@ def _apply(h: Tensor, u: Tensor, w_dot: Tensor, bn: Tensor) -> Tensor:
     K9, Q = 9 * int(u.shape[1]), N * HO * WO
     _, prec, upcast = dot_config(u.dtype)
     acc = acc_dtype(u.dtype)
-    block_c, block_k, block_q = pow2(C, 16, 64), _k_block(K9, acc, CONV_CHUNK), pixel_block(Q, 64)
+    block_c, block_k = pow2(C, 16, 64), _k_block(K9, acc, _conv_chunk())
+    block_q = pow2(Q, 16, 64) if GPU_TILING else pixel_block(Q, 64)
     out = torch.empty_like(h)
     launch(_ic_apply_kernel, (triton.cdiv(Q, block_q), triton.cdiv(C, block_c)),
            h, *strides4(h), out, *strides4(out), u, *strides4(u), HB, WB, K9, w_dot, bn,
@@ -333,11 +342,11 @@ def _grad_sums(grad_out: Tensor, u: Tensor, w_dot: Tensor, bn: Tensor,
     acc = acc_dtype(u.dtype)
     _, prec, upcast = dot_config(u.dtype)
     block_c, block_k = pow2(C, 16, 64), _k_block(K9, acc)
-    block_q = pixel_block(Q, 64) if INTERPRETED else GPU_SUMS_Q
+    block_q = GPU_SUMS_Q if GPU_TILING else pixel_block(Q, 64)
     ct, kt = triton.cdiv(C, block_c), triton.cdiv(K9, block_k)
     sh, sw = HB // HO, WB // WO
     meta = dict(FP64=acc == torch.float64, BLOCK_C=block_c, BLOCK_K=block_k,
-                BLOCK_KC=_k_block(K9, acc, CONV_CHUNK), BLOCK_Q=block_q, PREC=prec,
+                BLOCK_KC=_k_block(K9, acc, _conv_chunk()), BLOCK_Q=block_q, PREC=prec,
                 UPCAST=upcast, num_warps=WARPS)
     args = [grad_out, *strides4(grad_out), C, HO, WO, Q, block_q, u, *strides4(u), HB, WB, K9,
             w_dot, bn, center, sh, sw, acc, acc]  # acc: the partial buffers, allocated below
@@ -370,17 +379,17 @@ def _grad_input(grad_out: Tensor, u: Tensor, w_dot: Tensor, coef: Tensor) -> Ten
     K9 = 9 * CI
     acc = acc_dtype(u.dtype)
     _, prec, upcast = dot_config(u.dtype)
-    if INTERPRETED:  # cost per program and op: big regions, still several per image
-        lanes = pow2(triton.cdiv((HB + 2) * (WB + 2), 2), 16, 1024)
-    else:
+    if GPU_TILING:
         lanes = GPU_GRAD_U_LANES
+    else:  # interpreter: cost per program and op: big regions, still several per image
+        lanes = pow2(triton.cdiv((HB + 2) * (WB + 2), 2), 16, 1024)
     rh, rw = region_plan(HB, WB, lanes)
     tiles_w = triton.cdiv(WB, rw - 2)
     per_img = triton.cdiv(HB, rh - 2) * tiles_w
     tiles = N * per_img
     # channel blocks split the conv recompute (no extra FLOPs) and keep the register tiles small
-    block_c = pow2(C, 16, 64 if INTERPRETED else GPU_GRAD_U_C)
-    block_k = _k_block(K9, acc, CONV_CHUNK)
+    block_c = pow2(C, 16, GPU_GRAD_U_C if GPU_TILING else 64)
+    block_k = _k_block(K9, acc, _conv_chunk())
     block_ci = pow2(CI, 16, 32)
     cit = triton.cdiv(CI, block_ci)
     meta = dict(FP64=acc == torch.float64, BLOCK_C=block_c, BLOCK_K=block_k, BLOCK_CI=block_ci,

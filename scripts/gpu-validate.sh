@@ -6,6 +6,11 @@
 #
 # Phases (each under `timeout` with its own budget; later budgets shrink to what is left of
 # the TOTAL, so the run ends in time; a phase that overruns is stopped with SIGINT and reported):
+#   0. compile-report  first, in the background while 1 runs: python -m
+#                contsup_fast.kernels.compile_report for sm_90 (registers, spills, shared memory,
+#                occupancy, one-wave plans of the Triton kernels at the real launches of ResNet-32
+#                and ResNet-50 R1E steps, bf16/fp32, channels_last, training), so the first GPU
+#                run starts from known resource figures (JSON in bench/compile_report/)
 #   1. build     the extension in place for sm_90 (setup.py build_ext --inplace, no network),
 #                in parallel with `data`: unpack the CIFAR-10 pack carried in .gpuval/cifar10
 #   2. check     python -m contsup_fast.check (every backend vs the float64 reference)
@@ -97,9 +102,9 @@ DATA=$WORK/cifar10
 CARRY=${GPUVAL_CARRY:-$ROOT/.gpuval}  # the carried folder: cifar10/ pack, ContSup/ reference
 # nominal budgets in seconds (phases after the accuracy runs get what is left of TOTAL)
 if [ $DRY = 1 ]; then
-  B_DATA=30 B_BUILD=0 B_ACC=150 B_CHECK=120 B_TESTS=120 B_MEM=0 B_RACE=0 B_SAN=120 B_STEP=150 B_REF=60 B_KER=120
+  B_CR=120 B_DATA=30 B_BUILD=0 B_ACC=150 B_CHECK=120 B_TESTS=120 B_MEM=0 B_RACE=0 B_SAN=120 B_STEP=150 B_REF=60 B_KER=120
 else
-  B_DATA=90 B_BUILD=200 B_ACC=230 B_CHECK=90 B_TESTS=220 B_MEM=140 B_RACE=100 B_SAN=0 B_STEP=110 B_REF=45 B_KER=75
+  B_CR=200 B_DATA=90 B_BUILD=200 B_ACC=230 B_CHECK=90 B_TESTS=220 B_MEM=140 B_RACE=100 B_SAN=0 B_STEP=110 B_REF=45 B_KER=75
 fi
 B_PACK=10
 POST=$((B_STEP + B_REF + B_KER + B_PACK))  # kept free after the accuracy phase
@@ -177,6 +182,16 @@ fi
 # contsup_fast.kernels is a link to kernels/ in a development checkout (git-ignored: it does not travel)
 [ -e contsup_fast/kernels ] || ln -s ../kernels contsup_fast/kernels
 
+# ------------------------------------------------------------------------------ 0. compile report
+if [ $DRY = 1 ]; then  # the plumbing at a toy size: one eval step of ResNet-32, batch 8
+  CR_ARGS=(--configs resnet32 --dtypes bf16 --layouts nhwc --modes eval --batch 8)
+else
+  CR_ARGS=(--configs resnet32 resnet50 --dtypes bf16 fp32 --layouts nhwc --modes train)
+fi
+(phase compile-report "$(fit $B_CR $((POST + B_ACC)))" "$PY" -m contsup_fast.kernels.compile_report \
+   --arch sm_90 "${CR_ARGS[@]}" --out "$RES/bench/compile_report") &
+CR_PID=$!
+
 # ------------------------------------------------------------------------------ 1. build + data
 build() {
   export CUDA_HOME=${CUDA_HOME:-/usr/local/cuda} TORCH_CUDA_ARCH_LIST=9.0 MAX_JOBS=${MAX_JOBS:-$(nproc)}
@@ -207,6 +222,7 @@ else
 fi
 wait $DATA_PID
 DATA_OK=$?
+wait $CR_PID
 
 # ------------------------------------------------------------------------------ 3. accuracy (background)
 export ROWS="e2e_K1:1:R0:ce R0_K16:16:R0:ce E_K16:16:E:ce R1_K16:16:R1:ce R1E_ce_K16:16:R1E:ce R1E_supcon_K16:16:R1E:supcon"

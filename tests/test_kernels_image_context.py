@@ -9,6 +9,7 @@ are tiny because the interpreter is slow. Helpers (input maker, tolerances) are 
 ``test_kernels_triton.py``.
 """
 import copy
+import importlib
 
 import pytest
 import torch
@@ -97,6 +98,23 @@ def test_image_context_train(dtype, layout, s, hw):
 def test_image_context_eval(dtype, layout, s):
     mk = Maker(110 + s)
     check_case(make_case(mk, 2, 4, 3, (2, 3), s, dtype, layout), dtype, False, mk)
+
+
+@pytest.mark.skipif(not INTERPRETED, reason="on a GPU the GPU tiling is what every test runs")
+@pytest.mark.parametrize("dtype, layout, training", [
+    (torch.float32, "channels_last", True), (torch.bfloat16, "contiguous", True),
+    (torch.float16, "channels_last", False),
+], ids=str)
+def test_gpu_tiling_under_the_interpreter(monkeypatch, dtype, layout, training):
+    """The tiles the GPU compiles (conv K chunk 16, 16 pooled positions per backward-sums step,
+    grad_u regions of 128 lanes and 16-channel blocks, several regions per image and a
+    persistent loop), run in the interpreter on a small case against the float64 reference."""
+    ic = importlib.import_module(K.__name__ + "._image_context")
+    monkeypatch.setattr(ic, "GPU_TILING", True)
+    mk = Maker(77)
+    # C = 24: two 16-channel blocks in grad_u; C_in = 3: K9 = 27 over two 16-row chunks;
+    # 12x12 big image: several 128-lane regions per image
+    check_case(make_case(mk, 2, 24, 3, (6, 6), 2, dtype, layout), dtype, training, mk)
 
 
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
