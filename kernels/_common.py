@@ -160,6 +160,24 @@ def split_plan(n_items: int, block: int, other_programs: int, device: torch.devi
     return triton.cdiv(n_blocks, per), per * block
 
 
+def launch_split_sums(kernel, args: list, meta: dict, n_items: int, block: int,
+                      tiles: Tuple[int, int], rows: int, cols: int, acc: torch.dtype,
+                      device: torch.device) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Launch a backward-sums kernel over the grid ``(splits, *tiles)`` planned by
+    :func:`split_plan` from its residency, and add its partial results over the splits.
+    ``args[9]`` is the split's chunk (any placeholder) and the last two arguments are the
+    partial buffers, given as their dtype ``acc``; they are allocated here as
+    ``(splits, rows, cols)`` and ``(splits, rows)``. Returns their sums over the splits."""
+    resident = resident_programs(kernel, args, meta, device)
+    splits, chunk = split_plan(n_items, block, tiles[0] * tiles[1], device, resident)
+    args = list(args)
+    args[9] = chunk
+    args[-2:] = [torch.empty((splits, rows, cols), dtype=acc, device=device),
+                 torch.empty((splits, rows), dtype=acc, device=device)]
+    launch(kernel, (splits, *tiles), *args, **meta)
+    return args[-2].sum(0), args[-1].sum(0)
+
+
 def strides4(t: torch.Tensor) -> Tuple[int, int, int, int]:
     return tuple(int(s) for s in t.stride())  # type: ignore[return-value]
 

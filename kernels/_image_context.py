@@ -37,8 +37,8 @@ from torch import Tensor
 from . import _common
 from ._common import (INTERPRETED, _planned_for_gpu, acc_dtype, add_base, bn_fold, check_bn_args,
                       check_tensor, check_vec, chunk_block, chunk_bounds, define_op, dot_config,
-                      launch, mma, pixel_block, pool_factor, pow2, resident_programs, split_pixels,
-                      split_plan, strides4, to_acc, zeros_acc)
+                      launch, launch_split_sums, mma, pixel_block, pool_factor, pow2,
+                      resident_programs, split_pixels, split_plan, strides4, to_acc, zeros_acc)
 
 
 # ----------------------------------------------------------------------------------------
@@ -263,10 +263,12 @@ def _k_block(K9: int, acc: torch.dtype, cap: int = 128) -> int:
     return pow2(K9, 16, 32 if acc == torch.float64 else cap)
 
 
-# GPU tiling, chosen so that ptxas (sm_90, Triton 3.8) reports no register spills for
-# bf16, fp16 and fp32 with 8 warps; the interpreter's cost is per program and per op, so
+# GPU tiling, chosen so that ptxas (sm_90, Triton 3.8) reports no register spills at the real
+# launches (python -m contsup_fast.kernels.compile_report); the interpreter's cost is per program and op, so
 # there it takes fewer, larger tiles.
 WARPS = 8
+#: the apply kernel's (C, 64) tiles spill 8 B at 8 warps in fp32 (sm_90), not at 4
+APPLY_WARPS = 4
 #: K chunk (patch rows) of the implicit-GEMM conv recomputes (9*C_in = 108 pads to 112)
 GPU_CONV_CHUNK = 16
 #: pooled positions per step of the backward sums (a (C, 128) G tile stays in registers)
@@ -329,7 +331,7 @@ def _apply(h: Tensor, u: Tensor, w_dot: Tensor, bn: Tensor) -> Tensor:
            h, *strides4(h), out, *strides4(out), u, *strides4(u), HB, WB, K9, w_dot, bn,
            C, HO, WO, Q, HB // HO, WB // WO,
            FP64=acc == torch.float64, H_FP64=h.dtype == torch.float64, BLOCK_C=block_c,
-           BLOCK_K=block_k, BLOCK_Q=block_q, PREC=prec, UPCAST=upcast, num_warps=WARPS)
+           BLOCK_K=block_k, BLOCK_Q=block_q, PREC=prec, UPCAST=upcast, num_warps=APPLY_WARPS)
     return out
 
 
@@ -350,15 +352,10 @@ def _grad_sums(grad_out: Tensor, u: Tensor, w_dot: Tensor, bn: Tensor,
                 UPCAST=upcast, num_warps=WARPS)
     args = [grad_out, *strides4(grad_out), C, HO, WO, Q, block_q, u, *strides4(u), HB, WB, K9,
             w_dot, bn, center, sh, sw, acc, acc]  # acc: the partial buffers, allocated below
-    resident = resident_programs(_ic_grad_sums_kernel, args, meta, u.device)
-    splits, chunk = split_plan(Q, block_q, ct * kt, u.device, resident)
-    args[9] = chunk
-    args[-2:] = [torch.empty((splits, C, K9), dtype=acc, device=u.device),
-                 torch.empty((splits, C), dtype=acc, device=u.device)]
-    gpart, dpart = args[-2:]
-    launch(_ic_grad_sums_kernel, (splits, ct, kt), *args, **meta)
+    G, D = launch_split_sums(_ic_grad_sums_kernel, args, meta, Q, block_q, (ct, kt), C, K9, acc,
+                             u.device)
     inv_win = 1.0 / (sh * sw)
-    return gpart.sum(0) * inv_win, dpart.sum(0) * inv_win
+    return G * inv_win, D * inv_win
 
 
 def region_plan(HB: int, WB: int, lanes: int) -> Tuple[int, int]:

@@ -27,13 +27,18 @@ import triton.language as tl
 from torch import Tensor
 
 from ._common import (FLOAT_DTYPES, acc_dtype, add_base, bn_fold, check_sequences, check_tensor,
-                      check_vec, chunk_block, chunk_bounds, define_op, dot_config, launch, mma,
-                      pixel_block, pool_factor, pow2, resident_programs, split_pixels, split_plan,
-                      strides4, to_acc, zeros_acc)
+                      check_vec, chunk_block, chunk_bounds, define_op, dot_config, launch,
+                      launch_split_sums, mma, pixel_block, pool_factor, pow2, resident_programs,
+                      split_pixels, split_plan, strides4, to_acc, zeros_acc)
 
 MAX_TERMS = 3  # context terms fused into one apply launch
-#: warps of the backward-sums kernel: its (64, 64) G and preactivation tiles spill in fp32 at 4
-GRAD_WARPS = 8
+
+
+def _grad_warps(block_c: int, block_k: int) -> int:
+    """Warps of ``_ctx_grad_kernel``: 8 for (64, >= 32) tiles (at 4 they sit at 255 registers
+    in fp32 on sm_90), else 4 (8 warps spill on (16, 16) bf16 tiles). Measured with
+    ``python -m contsup_fast.kernels.compile_report`` (docs/gpu-validation.md)."""
+    return 8 if block_c * block_k >= 64 * 32 else 4
 
 
 # ----------------------------------------------------------------------------------------
@@ -273,18 +278,13 @@ def _grad_sums(grad_out: Tensor, c: Tensor, w_dot: Tensor, bn: Tensor,
     ct, kt = triton.cdiv(C, block_c), triton.cdiv(CR, block_k)
     sh, sw = int(c.shape[2]) // HO, int(c.shape[3]) // WO
     meta = dict(FP64=acc == torch.float64, BLOCK_C=block_c, BLOCK_K=block_k, BLOCK_Q=block_q,
-                PREC=prec, UPCAST=upcast, num_warps=GRAD_WARPS)
+                PREC=prec, UPCAST=upcast, num_warps=_grad_warps(block_c, block_k))
     args = [grad_out, *strides4(grad_out), C, HO, WO, Q, block_q, c, *strides4(c), CR, w_dot, bn,
             center, sh, sw, acc, acc]  # acc: the partial buffers, allocated below
-    resident = resident_programs(_ctx_grad_kernel, args, meta, c.device)
-    splits, chunk = split_plan(Q, block_q, ct * kt, c.device, resident)
-    args[9] = chunk
-    args[-2:] = [torch.empty((splits, C, CR), dtype=acc, device=c.device),
-                 torch.empty((splits, C), dtype=acc, device=c.device)]
-    gpart, dpart = args[-2:]
-    launch(_ctx_grad_kernel, (splits, ct, kt), *args, **meta)
+    G, D = launch_split_sums(_ctx_grad_kernel, args, meta, Q, block_q, (ct, kt), C, CR, acc,
+                             c.device)
     inv_win = 1.0 / (sh * sw)
-    return gpart.sum(0) * inv_win, dpart.sum(0) * inv_win
+    return G * inv_win, D * inv_win
 
 
 # ----------------------------------------------------------------------------------------
