@@ -58,8 +58,9 @@ def blocks_per_sm(regs: int, shared: int, warps: int, gpu: GPU) -> Dict[str, int
 
 def _key(kernel, args: Sequence, meta: dict):
     def one(a):
-        if isinstance(a, torch.Tensor):
-            return (a.dtype, a.data_ptr() % 16 == 0)
+        if isinstance(a, torch.Tensor):  # allocations are aligned: the offset decides (no
+            # data_ptr(), which fake tensors under torch.compile do not have)
+            return (a.dtype, a.storage_offset() * a.element_size() % 16 == 0)
         if isinstance(a, torch.dtype):
             return (a, True)
         if isinstance(a, int) and not isinstance(a, bool):
