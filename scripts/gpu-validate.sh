@@ -6,7 +6,7 @@
 #
 # Phases (each under `timeout` with its own budget; later budgets shrink to what is left of
 # the TOTAL, so the run ends in time; a phase that overruns is stopped with SIGINT and reported):
-#   0. compile-report  first, in the background while 1 runs: python -m
+#   0. compile-report  first, in the background while 1-5 run: python -m
 #                contsup_fast.kernels.compile_report for sm_90 (registers, spills, shared memory,
 #                occupancy, one-wave plans of the Triton kernels at the real launches of ResNet-32
 #                and ResNet-50 R1E steps, bf16/fp32, channels_last, training), so the first GPU
@@ -188,7 +188,8 @@ if [ $DRY = 1 ]; then  # the plumbing at a toy size: one eval step of ResNet-32,
 else
   CR_ARGS=(--configs resnet32 resnet50 --dtypes bf16 fp32 --layouts nhwc --modes train)
 fi
-(phase compile-report "$(fit $B_CR $((POST + B_ACC)))" "$PY" -m contsup_fast.kernels.compile_report \
+# in the background from here to the phases with the GPU to itself (it needs no GPU)
+(phase compile-report "$(fit $B_CR $POST)" "$PY" -m contsup_fast.kernels.compile_report \
    --arch sm_90 "${CR_ARGS[@]}" --out "$RES/bench/compile_report") &
 CR_PID=$!
 
@@ -222,7 +223,6 @@ else
 fi
 wait $DATA_PID
 DATA_OK=$?
-wait $CR_PID
 
 # ------------------------------------------------------------------------------ 3. accuracy (background)
 export ROWS="e2e_K1:1:R0:ce R0_K16:16:R0:ce E_K16:16:E:ce R1_K16:16:R1:ce R1E_ce_K16:16:R1E:ce R1E_supcon_K16:16:R1E:supcon"
@@ -292,7 +292,7 @@ else
    phase racecheck "$(fit $B_RACE $ALONG)" sanitize racecheck --ops-only) &
   P_SAN=$!
 fi
-wait $P_CHECK $P_TESTS $P_SAN
+wait $P_CHECK $P_TESTS $P_SAN $CR_PID
 [ -n "$ACC_PID" ] && wait "$ACC_PID"
 
 # ------------------------------------------------------------------------------ 6, 7, 8 with the GPU to itself
