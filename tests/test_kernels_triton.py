@@ -611,7 +611,7 @@ def warmup(kernel, grid, *args, **meta):  # compile (TTIR .. PTX .. cubin), do n
     kernel.warmup(*args, grid=grid, **meta)
     built.add((kernel.fn.__name__, tuple(sorted(meta.items()))))
 
-_bn_kernels.launch = _residual.launch = warmup
+_bn_kernels.launch = _residual.launch = _common.launch = warmup  # _common: launch_split_sums
 for dt in (torch.float32, torch.bfloat16, torch.float64):  # fp16 compiles as bf16 does
     p = torch.float64 if dt == torch.float64 else torch.float32
     vec = lambda: torch.rand(24, dtype=p) + 0.5
