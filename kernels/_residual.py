@@ -274,10 +274,12 @@ def _grad_sums(grad_out: Tensor, c: Tensor, w_dot: Tensor, bn: Tensor,
     Q = N * HO * WO
     acc = acc_dtype(c.dtype)
     _, prec, upcast = dot_config(c.dtype)
-    # 32 pixels per step for 4-byte operands: (32|64, 32|64) fp32 tiles at 64 spill 8-16 B on
-    # sm_90 (NCHW strides); the same reads, in twice the steps
-    block_q = pixel_block(Q, 32 if c.element_size() >= 4 else 64)
+    # 32 pixels per step for 4-byte operands and 64x64 tiles: at 64, fp32 (32|64, 32|64) tiles
+    # spill 8-16 B on sm_90 and 16-bit 64x64 tiles 8 B on sm_80 (NCHW strides); the same
+    # reads, in twice the steps
     block_c, block_k = pow2(C, 16, 64), pow2(CR, 16, 64)
+    small_q = c.element_size() >= 4 or block_c * block_k >= 64 * 64
+    block_q = pixel_block(Q, 32 if small_q else 64)
     ct, kt = triton.cdiv(C, block_c), triton.cdiv(CR, block_k)
     sh, sw = int(c.shape[2]) // HO, int(c.shape[3]) // WO
     meta = dict(FP64=acc == torch.float64, BLOCK_C=block_c, BLOCK_K=block_k, BLOCK_Q=block_q,
