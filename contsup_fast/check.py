@@ -476,7 +476,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--backends", nargs="+", default=["torch", "native", "triton"],
                    choices=["torch", "native", "triton"], help="backends to check")
     p.add_argument("--no-timing", action="store_true", help="check correctness only")
-    args = p.parse_args(argv)
+    p.add_argument("--compile", nargs="+", metavar="ARCH", default=None,
+                   help="instead of checking: the compile report of the Triton kernels' real launches "
+                        "for these architectures (sm_90, sm_80; no GPU needed), see "
+                        "contsup_fast.kernels.compile_report (its other options after --)")
+    args, rest = p.parse_known_args(argv)
+    if args.compile:
+        return _compile_report(args.compile, rest)
+    if rest:
+        p.error(f"unrecognized arguments: {' '.join(rest)}")
     try:
         device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
         if device.type == "cuda" and not torch.cuda.is_available():
@@ -499,6 +507,17 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     print(f"{'FAILED: wrong results from ' + ', '.join(wrong) if wrong else 'all available backends compute correct results'}"
           f" ({time.perf_counter() - t0:.1f} s)")
     return 1 if wrong else 0
+
+
+def _compile_report(archs: Sequence[str], rest: Sequence[str]) -> int:
+    """``--compile ARCH...``: run :func:`contsup_fast.kernels.compile_report.main`."""
+    try:
+        from .kernels import compile_report
+    except Exception as exc:  # Triton missing or a broken install
+        print(f"contsup-check: error: the compile report needs Triton ({type(exc).__name__}: {exc})",
+              file=sys.stderr)
+        return 2
+    return compile_report.main(["--arch", *archs, *[r for r in rest if r != "--"]])
 
 
 def cli() -> None:

@@ -17,7 +17,7 @@ import triton
 import triton.language as tl
 
 from ._common import (acc_dtype, add_base, bn_fold, chunk_block, chunk_bounds, launch, pixel_block,
-                      pow2, split_pixels, split_plan, strides4, to_acc, zeros_acc)
+                      pow2, resident_programs, split_pixels, split_plan, strides4, to_acc, zeros_acc)
 
 MODE_STATS, MODE_POOL, MODE_BWD = 0, 1, 2
 
@@ -146,19 +146,21 @@ def _chan_reduce(x: torch.Tensor, mode: int, *, g=None, g_strides=(0, 0, 0, 0), 
     acc = acc_dtype(x.dtype)
     P = N * H * W
     block_c, block_p = _tiles(C, H * W if per_image else P)
+    g = x if g is None else g
+    meta = dict(MODE=mode, APPLY_BN=(mode != MODE_STATS and apply_bn), FP64=acc == torch.float64,
+                BLOCK_C=block_c, BLOCK_P=block_p)
+    args = [x, *strides4(x), C, H * W, W, P, H * W if per_image else block_p, g, *g_strides, kh,
+            kw, acc if scale is None else scale, acc if shift is None else shift,
+            acc if mean is None else mean, acc, acc]  # acc: buffers to come
     if per_image:
         splits, chunk = N, H * W
     else:
-        splits, chunk = split_plan(P, block_p, triton.cdiv(C, block_c), x.device)
+        resident = resident_programs(_chan_reduce_kernel, args, meta, x.device)
+        splits, chunk = split_plan(P, block_p, triton.cdiv(C, block_c), x.device, resident)
     part = torch.empty((2, splits, C), dtype=acc, device=x.device)
-    dummy = part[0]
-    g = x if g is None else g
-    launch(_chan_reduce_kernel, (splits, triton.cdiv(C, block_c)),
-           x, *strides4(x), C, H * W, W, P, chunk, g, *g_strides, kh, kw,
-           dummy if scale is None else scale, dummy if shift is None else shift,
-           dummy if mean is None else mean, part[0], part[1],
-           MODE=mode, APPLY_BN=(mode != MODE_STATS and apply_bn), FP64=acc == torch.float64,
-           BLOCK_C=block_c, BLOCK_P=block_p)
+    args[9] = chunk
+    args[-5:] = [part[0] if a is acc else a for a in args[-5:-2]] + [part[0], part[1]]
+    launch(_chan_reduce_kernel, (splits, triton.cdiv(C, block_c)), *args, **meta)
     return part
 
 

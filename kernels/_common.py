@@ -51,9 +51,19 @@ def _is_fake(t: torch.Tensor) -> bool:
     return t.device.type == "meta" or is_fake(t)
 
 
+#: set by :func:`kernels.compile_report.recording`: an object with ``record(kernel, grid, args,
+#: meta)``, ``resident(kernel, args, meta)`` and ``sm_count``; launches are then recorded (for
+#: the compile report), not run, and plans are made for the recorder's GPU.
+RECORDER = None
+
+
 def launch(kernel, grid: Tuple[int, ...], *args, **meta) -> None:
     """Launch ``kernel[grid](*args, **meta)`` through ``wrap_triton`` (traceable by
-    ``torch.compile``); in the interpreter, skip it when tracing with fake tensors."""
+    ``torch.compile``); in the interpreter, skip it when tracing with fake tensors. While a
+    compile-report recorder is set (:data:`RECORDER`) the launch is recorded instead."""
+    if RECORDER is not None:
+        RECORDER.record(kernel, grid, args, meta)
+        return
     if INTERPRETED:
         if any(isinstance(a, torch.Tensor) and _is_fake(a) for a in args):
             return
@@ -107,18 +117,65 @@ def _sm_count(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
 
 
-def split_plan(n_items: int, block: int, other_programs: int, device: torch.device) -> Tuple[int, int]:
+def _planned_for_gpu(device: torch.device) -> bool:
+    return RECORDER is not None or (device.type == "cuda" and not INTERPRETED)
+
+
+def resident_programs(kernel, args: Sequence, meta: dict, device: torch.device) -> int:
+    """How many programs of ``kernel[...](*args, **meta)`` are resident on the whole GPU at
+    once: SMs x blocks per SM, the blocks per SM limited by the compiled kernel's registers,
+    shared memory and threads (:func:`kernels.occupancy.blocks_per_sm`). Tensors in ``args``
+    may be given as their dtype (buffers not yet allocated). In the interpreter: 4 (so that
+    small inputs still take the multi-split and persistent paths)."""
+    if not _planned_for_gpu(device):
+        return 4
+    from .occupancy import resident_on_device
+
+    if RECORDER is not None:
+        return RECORDER.sm_count * RECORDER.resident(kernel, args, meta)
+    return resident_on_device(kernel, args, meta, device)
+
+
+def split_plan(n_items: int, block: int, other_programs: int, device: torch.device,
+               resident: Optional[int] = None) -> Tuple[int, int]:
     """Split ``n_items`` (pixels) into ``splits`` chunks of ``chunk`` items (a multiple of
-    ``block``) so that ``splits * other_programs`` fills the GPU about four times over.
+    ``block``) so that the ``splits * other_programs`` programs are at most ``resident``
+    (:func:`resident_programs`: one wave on the GPU; default 4 x the SM count).
     Returns ``(splits, chunk)``; the partial sums of the splits are added by a finalize."""
     n_blocks = triton.cdiv(int(n_items), block)
-    if device.type == "cuda" and not INTERPRETED:
-        target = 4 * _sm_count(device.index if device.index is not None else 0)
+    if RECORDER is not None:
+        RECORDER.pending = True  # the next launch's grid is planned from the SM count
+    if resident is not None:
+        target = resident
+    elif _planned_for_gpu(device):
+        target = 4 * (RECORDER.sm_count if RECORDER is not None
+                      else _sm_count(device.index if device.index is not None else 0))
     else:
         target = 4  # interpreter: still exercise the multi-split path
-    splits = max(1, min(n_blocks, triton.cdiv(target, max(int(other_programs), 1))))
+    other = max(int(other_programs), 1)
+    # a residency bound is never exceeded (floor); the default targets are reached (ceil)
+    per_split = target // other if resident is not None else triton.cdiv(target, other)
+    splits = max(1, min(n_blocks, per_split))
     per = triton.cdiv(n_blocks, splits)
     return triton.cdiv(n_blocks, per), per * block
+
+
+def launch_split_sums(kernel, args: list, meta: dict, n_items: int, block: int,
+                      tiles: Tuple[int, int], rows: int, cols: int, acc: torch.dtype,
+                      device: torch.device) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Launch a backward-sums kernel over the grid ``(splits, *tiles)`` planned by
+    :func:`split_plan` from its residency, and add its partial results over the splits.
+    ``args[9]`` is the split's chunk (any placeholder) and the last two arguments are the
+    partial buffers, given as their dtype ``acc``; they are allocated here as
+    ``(splits, rows, cols)`` and ``(splits, rows)``. Returns their sums over the splits."""
+    resident = resident_programs(kernel, args, meta, device)
+    splits, chunk = split_plan(n_items, block, tiles[0] * tiles[1], device, resident)
+    args = list(args)
+    args[9] = chunk
+    args[-2:] = [torch.empty((splits, rows, cols), dtype=acc, device=device),
+                 torch.empty((splits, rows), dtype=acc, device=device)]
+    launch(kernel, (splits, *tiles), *args, **meta)
+    return args[-2].sum(0), args[-1].sum(0)
 
 
 def strides4(t: torch.Tensor) -> Tuple[int, int, int, int]:
@@ -138,7 +195,7 @@ def bn_fold(gamma: torch.Tensor, beta: torch.Tensor, mean: torch.Tensor, var: to
 # validation (ValueError / TypeError naming the argument, what was given, what is allowed)
 # ----------------------------------------------------------------------------------------
 def check_device(name: str, t: torch.Tensor, device: Optional[torch.device] = None) -> None:
-    if not INTERPRETED and t.device.type != "cuda":
+    if not INTERPRETED and RECORDER is None and t.device.type != "cuda":
         raise ValueError(
             f"{name} is on device '{t.device}'; the Triton backend needs CUDA tensors "
             f"(or TRITON_INTERPRET=1 set before import to run in the CPU interpreter)")

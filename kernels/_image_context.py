@@ -27,7 +27,6 @@ x+dx-1]`` (0 outside the image), so ``y_p = W x_p + b``; ``M = N*HB*WB``.
   its region, writes it to a small per-program scratch (``LANES * C`` values, in L2 on a GPU),
   and forms ``grad_u`` on the region's interior (1-pixel halo) from 9 shifted reads of it.
 """
-import os
 from typing import Dict, Optional, Tuple
 
 import torch
@@ -35,10 +34,11 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from ._common import (INTERPRETED, _sm_count, acc_dtype, add_base, bn_fold, check_bn_args,
+from . import _common
+from ._common import (INTERPRETED, _planned_for_gpu, acc_dtype, add_base, bn_fold, check_bn_args,
                       check_tensor, check_vec, chunk_block, chunk_bounds, define_op, dot_config,
-                      launch, mma, pixel_block, pool_factor, pow2, split_pixels, split_plan,
-                      strides4, to_acc, zeros_acc)
+                      launch, launch_split_sums, mma, pixel_block, pool_factor, pow2,
+                      resident_programs, split_pixels, split_plan, strides4, to_acc, zeros_acc)
 
 
 # ----------------------------------------------------------------------------------------
@@ -263,17 +263,26 @@ def _k_block(K9: int, acc: torch.dtype, cap: int = 128) -> int:
     return pow2(K9, 16, 32 if acc == torch.float64 else cap)
 
 
-# GPU tiling, chosen so that ptxas (sm_90, Triton 3.8) reports no register spills for
-# bf16, fp16 and fp32 with 8 warps; the interpreter's cost is per program and per op, so
+# GPU tiling, chosen so that ptxas (sm_90, Triton 3.8) reports no register spills at the real
+# launches (python -m contsup_fast.kernels.compile_report); the interpreter's cost is per program and op, so
 # there it takes fewer, larger tiles.
 WARPS = 8
+#: the apply kernel's (C, 64) tiles spill 8 B at 8 warps in fp32 (sm_90), not at 4
+APPLY_WARPS = 4
 #: K chunk (patch rows) of the implicit-GEMM conv recomputes (9*C_in = 108 pads to 112)
 GPU_CONV_CHUNK = 16
-CONV_CHUNK = 128 if INTERPRETED else GPU_CONV_CHUNK
 #: pooled positions per step of the backward sums (a (C, 128) G tile stays in registers)
 GPU_SUMS_Q = 16
 #: channels per block and lanes per region of the grad_u kernel
-GPU_GRAD_U_C, GPU_GRAD_U_LANES = 16, 256
+GPU_GRAD_U_C, GPU_GRAD_U_LANES = 16, 128  # 256 lanes spill in fp32 on sm_90 (8 warps)
+#: True: the tiles above (always on a GPU). The interpreter's cost is per program and per op,
+#: so there it takes fewer, larger tiles unless a test sets this to True to run the GPU tiling
+#: itself (tests/test_kernels_image_context.py::test_gpu_tiling_under_the_interpreter).
+GPU_TILING = not INTERPRETED
+
+
+def _conv_chunk() -> int:
+    return GPU_CONV_CHUNK if GPU_TILING else 128
 
 
 def patch_moments(u: Tensor) -> Tuple[Tensor, Tensor]:
@@ -287,16 +296,20 @@ def patch_moments(u: Tensor) -> Tuple[Tensor, Tensor]:
     _, prec, upcast = dot_config(u.dtype, stats=True)
     # 32-row tiles on a GPU compute 10 of 16 tiles for 9*C_in = 108 (64-row: 3 of 4, 20%
     # more FLOPs); the interpreter's cost is per program, so it takes fewer, larger tiles
-    block_k, block_p = _k_block(K9, acc, cap=64 if INTERPRETED else 32), pixel_block(P, 32)
+    block_k = _k_block(K9, acc, cap=32 if GPU_TILING else 64)
+    block_p = pow2(P, 16, 32) if GPU_TILING else pixel_block(P, 32)
     kt = triton.cdiv(K9, block_k)
-    splits, chunk = split_plan(P, block_p, kt * (kt + 1) // 2, u.device)
-    gram = torch.empty((splits, K9, K9), dtype=acc, device=u.device)
-    sums = torch.empty((splits, K9), dtype=acc, device=u.device)
     piv = (u[0, :, 0, 0].to(acc).repeat_interleave(9) if shift
            else torch.zeros(K9, dtype=acc, device=u.device))
-    launch(_patch_gram_kernel, (splits, kt, kt), u, *strides4(u), HB, WB, K9, P, chunk, piv, gram,
-           sums, SHIFT=shift, FP64=acc == torch.float64, BLOCK_K=block_k, BLOCK_P=block_p,
-           PREC=prec, UPCAST=upcast, num_warps=WARPS)
+    meta = dict(SHIFT=shift, FP64=acc == torch.float64, BLOCK_K=block_k, BLOCK_P=block_p,
+                PREC=prec, UPCAST=upcast, num_warps=WARPS)
+    args = [u, *strides4(u), HB, WB, K9, P, block_p, piv, acc, acc]  # acc: buffers to come
+    resident = resident_programs(_patch_gram_kernel, args, meta, u.device)
+    splits, chunk = split_plan(P, block_p, kt * kt, u.device, resident)  # grid (splits, kt, kt)
+    gram = torch.empty((splits, K9, K9), dtype=acc, device=u.device)
+    sums = torch.empty((splits, K9), dtype=acc, device=u.device)
+    args[9:] = [chunk, piv, gram, sums]
+    launch(_patch_gram_kernel, (splits, kt, kt), *args, **meta)
     d = sums.sum(0) / P
     tile = torch.arange(K9, device=u.device) // block_k
     g = gram.sum(0)
@@ -311,13 +324,14 @@ def _apply(h: Tensor, u: Tensor, w_dot: Tensor, bn: Tensor) -> Tensor:
     K9, Q = 9 * int(u.shape[1]), N * HO * WO
     _, prec, upcast = dot_config(u.dtype)
     acc = acc_dtype(u.dtype)
-    block_c, block_k, block_q = pow2(C, 16, 64), _k_block(K9, acc, CONV_CHUNK), pixel_block(Q, 64)
+    block_c, block_k = pow2(C, 16, 64), _k_block(K9, acc, _conv_chunk())
+    block_q = pow2(Q, 16, 64) if GPU_TILING else pixel_block(Q, 64)
     out = torch.empty_like(h)
     launch(_ic_apply_kernel, (triton.cdiv(Q, block_q), triton.cdiv(C, block_c)),
            h, *strides4(h), out, *strides4(out), u, *strides4(u), HB, WB, K9, w_dot, bn,
            C, HO, WO, Q, HB // HO, WB // WO,
            FP64=acc == torch.float64, H_FP64=h.dtype == torch.float64, BLOCK_C=block_c,
-           BLOCK_K=block_k, BLOCK_Q=block_q, PREC=prec, UPCAST=upcast, num_warps=WARPS)
+           BLOCK_K=block_k, BLOCK_Q=block_q, PREC=prec, UPCAST=upcast, num_warps=APPLY_WARPS)
     return out
 
 
@@ -330,19 +344,18 @@ def _grad_sums(grad_out: Tensor, u: Tensor, w_dot: Tensor, bn: Tensor,
     acc = acc_dtype(u.dtype)
     _, prec, upcast = dot_config(u.dtype)
     block_c, block_k = pow2(C, 16, 64), _k_block(K9, acc)
-    block_q = pixel_block(Q, 64) if INTERPRETED else GPU_SUMS_Q
+    block_q = GPU_SUMS_Q if GPU_TILING else pixel_block(Q, 64)
     ct, kt = triton.cdiv(C, block_c), triton.cdiv(K9, block_k)
-    splits, chunk = split_plan(Q, block_q, ct * kt, u.device)
-    gpart = torch.empty((splits, C, K9), dtype=acc, device=u.device)
-    dpart = torch.empty((splits, C), dtype=acc, device=u.device)
     sh, sw = HB // HO, WB // WO
-    launch(_ic_grad_sums_kernel, (splits, ct, kt), grad_out, *strides4(grad_out), C, HO, WO, Q,
-           chunk, u, *strides4(u), HB, WB, K9, w_dot, bn, center, sh, sw, gpart, dpart,
-           FP64=acc == torch.float64, BLOCK_C=block_c, BLOCK_K=block_k,
-           BLOCK_KC=_k_block(K9, acc, CONV_CHUNK), BLOCK_Q=block_q, PREC=prec, UPCAST=upcast,
-           num_warps=WARPS)
+    meta = dict(FP64=acc == torch.float64, BLOCK_C=block_c, BLOCK_K=block_k,
+                BLOCK_KC=_k_block(K9, acc, _conv_chunk()), BLOCK_Q=block_q, PREC=prec,
+                UPCAST=upcast, num_warps=WARPS)
+    args = [grad_out, *strides4(grad_out), C, HO, WO, Q, block_q, u, *strides4(u), HB, WB, K9,
+            w_dot, bn, center, sh, sw, acc, acc]  # acc: the partial buffers, allocated below
+    G, D = launch_split_sums(_ic_grad_sums_kernel, args, meta, Q, block_q, (ct, kt), C, K9, acc,
+                             u.device)
     inv_win = 1.0 / (sh * sw)
-    return gpart.sum(0) * inv_win, dpart.sum(0) * inv_win
+    return G * inv_win, D * inv_win
 
 
 def region_plan(HB: int, WB: int, lanes: int) -> Tuple[int, int]:
@@ -363,30 +376,33 @@ def _grad_input(grad_out: Tensor, u: Tensor, w_dot: Tensor, coef: Tensor) -> Ten
     K9 = 9 * CI
     acc = acc_dtype(u.dtype)
     _, prec, upcast = dot_config(u.dtype)
-    if INTERPRETED:  # cost per program and op: big regions, still several per image
-        lanes = pow2(triton.cdiv((HB + 2) * (WB + 2), 2), 16, 1024)
-    else:
+    if GPU_TILING:
         lanes = GPU_GRAD_U_LANES
+    else:  # interpreter: cost per program and op: big regions, still several per image
+        lanes = pow2(triton.cdiv((HB + 2) * (WB + 2), 2), 16, 1024)
     rh, rw = region_plan(HB, WB, lanes)
     tiles_w = triton.cdiv(WB, rw - 2)
     per_img = triton.cdiv(HB, rh - 2) * tiles_w
     tiles = N * per_img
     # channel blocks split the conv recompute (no extra FLOPs) and keep the register tiles small
-    block_c = pow2(C, 16, 64 if INTERPRETED else GPU_GRAD_U_C)
-    block_k = _k_block(K9, acc, CONV_CHUNK)
+    block_c = pow2(C, 16, GPU_GRAD_U_C if GPU_TILING else 64)
+    block_k = _k_block(K9, acc, _conv_chunk())
     block_ci = pow2(CI, 16, 32)
     cit = triton.cdiv(CI, block_ci)
-    if u.device.type == "cuda" and not INTERPRETED:
-        programs = min(tiles, max(1, 2 * _sm_count(u.device.index or 0) // cit))
-    else:
-        programs = min(tiles, 2)  # exercise the persistent loop
-    scratch = torch.empty((programs * cit, block_c, lanes), dtype=w_dot.dtype, device=u.device)
+    meta = dict(FP64=acc == torch.float64, BLOCK_C=block_c, BLOCK_K=block_k, BLOCK_CI=block_ci,
+                LANES=lanes, PREC=prec, UPCAST=upcast, num_warps=WARPS)
     grad_u = torch.empty_like(u)
-    launch(_ic_grad_input_kernel, (programs, cit), grad_out, *strides4(grad_out), u, *strides4(u),
-           CI, HB, WB, K9, w_dot, coef, C, HB // HO, WB // WO, grad_u, *strides4(grad_u),
-           scratch, tiles, tiles_w, per_img, rh, rw,
-           FP64=acc == torch.float64, BLOCK_C=block_c, BLOCK_K=block_k, BLOCK_CI=block_ci,
-           LANES=lanes, PREC=prec, UPCAST=upcast, num_warps=WARPS)
+    args = [grad_out, *strides4(grad_out), u, *strides4(u), CI, HB, WB, K9, w_dot, coef, C,
+            HB // HO, WB // WO, grad_u, *strides4(grad_u), w_dot.dtype, tiles, tiles_w, per_img,
+            rh, rw]  # w_dot.dtype: the scratch, allocated below
+    # persistent programs: one wave of resident blocks (2 in the interpreter, to walk the loop)
+    resident = resident_programs(_ic_grad_input_kernel, args, meta, u.device)
+    if _common.RECORDER is not None:
+        _common.RECORDER.pending = True
+    programs = min(tiles, max(1, (resident if _planned_for_gpu(u.device) else 2) // cit))
+    scratch = torch.empty((programs * cit, block_c, lanes), dtype=w_dot.dtype, device=u.device)
+    args[24] = scratch
+    launch(_ic_grad_input_kernel, (programs, cit), *args, **meta)
     return grad_u
 
 
@@ -545,64 +561,6 @@ def cost_model(N: int, C: int, CI: int, HB: int, WB: int, HO: int, WO: int, item
     out["eager"] = {k: sum(v[k] for v in eager.values()) for k in ("flops", "bytes")}
     out["recompute_tail"] = today
     return out
-
-
-def compile_report(dtype: str = "bf16", arch: int = 90) -> Dict[str, Dict[str, int]]:
-    """Compile the four kernels for ``sm_<arch>`` with the GPU tiling (C = 64, C_in = 12)
-    without a GPU, through Triton's real backend and its bundled ptxas; returns per kernel
-    ``{"registers", "spill_bytes", "shared"}``. A check that the GPU code builds, for machines
-    with no GPU (the interpreter does not compile). ``dtype``: "bf16", "fp16" or "fp32".
-
-    Raises:
-        RuntimeError: under ``TRITON_INTERPRET=1`` (the kernels are not JIT functions there).
-        ValueError: an unknown ``dtype``.
-    """
-    import inspect
-    import re
-    import subprocess
-    import tempfile
-
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-
-    if INTERPRETED:
-        raise RuntimeError("compile_report needs TRITON_INTERPRET unset (run it in a fresh "
-                           "process)")
-    if dtype not in ("bf16", "fp16", "fp32"):
-        raise ValueError(f"dtype is {dtype!r}; allowed: 'bf16', 'fp16', 'fp32'")
-    prec = "tf32" if dtype == "fp32" else "ieee"
-    common = dict(FP64=False, PREC=prec, UPCAST=False)
-    kernels = [
-        (_patch_gram_kernel, ("u_ptr",), ("piv_ptr", "gram_ptr", "sum_ptr"),
-         dict(SHIFT=dtype == "fp32", BLOCK_K=32, BLOCK_P=32, FP64=False, UPCAST=False,
-              PREC="tf32x3" if dtype == "fp32" else "ieee")),
-        (_ic_apply_kernel, ("h_ptr", "o_ptr", "u_ptr", "w_ptr"), ("bn_ptr",),
-         dict(common, H_FP64=False, BLOCK_C=64, BLOCK_K=GPU_CONV_CHUNK, BLOCK_Q=64)),
-        (_ic_grad_sums_kernel, ("g_ptr", "u_ptr", "w_ptr"),
-         ("bn_ptr", "center_ptr", "gpart_ptr", "dpart_ptr"),
-         dict(common, BLOCK_C=64, BLOCK_K=128, BLOCK_KC=GPU_CONV_CHUNK, BLOCK_Q=GPU_SUMS_Q)),
-        (_ic_grad_input_kernel, ("g_ptr", "u_ptr", "w_ptr", "d_ptr", "scratch_ptr"), ("coef_ptr",),
-         dict(common, BLOCK_C=GPU_GRAD_U_C, BLOCK_K=GPU_CONV_CHUNK, BLOCK_CI=16,
-              LANES=GPU_GRAD_U_LANES)),
-    ]
-    ptxas_dir = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
-    report = {}
-    for kernel, act_ptrs, acc_ptrs, consts in kernels:
-        sig = {}
-        for name in inspect.signature(kernel.fn).parameters:
-            sig[name] = ("constexpr" if name in consts else f"*{dtype}" if name in act_ptrs
-                         else "*fp32" if name in acc_ptrs else "i32")
-        compiled = triton.compile(ASTSource(kernel, sig, constexprs=consts),
-                                  target=GPUTarget("cuda", arch, 32), options={"num_warps": WARPS})
-        with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
-            f.write(compiled.asm["cubin"])
-            f.flush()
-            usage = subprocess.run([os.path.join(ptxas_dir, "cuobjdump"), "--dump-resource-usage",
-                                    f.name], capture_output=True, text=True, check=True).stdout
-        regs, stack = re.search(r"REG:(\d+) STACK:(\d+)", usage).groups()
-        report[kernel.fn.__name__] = {"registers": int(regs), "spill_bytes": int(stack),
-                                      "shared": int(compiled.metadata.shared)}
-    return report
 
 
 # ----------------------------------------------------------------------------------------

@@ -27,11 +27,18 @@ import triton.language as tl
 from torch import Tensor
 
 from ._common import (FLOAT_DTYPES, acc_dtype, add_base, bn_fold, check_sequences, check_tensor,
-                      check_vec, chunk_block, chunk_bounds, define_op, dot_config, launch, mma,
-                      pixel_block, pool_factor, pow2, split_pixels, split_plan, strides4, to_acc,
-                      zeros_acc)
+                      check_vec, chunk_block, chunk_bounds, define_op, dot_config, launch,
+                      launch_split_sums, mma, pixel_block, pool_factor, pow2, resident_programs,
+                      split_pixels, split_plan, strides4, to_acc, zeros_acc)
 
 MAX_TERMS = 3  # context terms fused into one apply launch
+
+
+def _grad_warps(block_c: int, block_k: int) -> int:
+    """Warps of ``_ctx_grad_kernel``: 8 for (64, >= 32) tiles (at 4 they sit at 255 registers
+    in fp32 on sm_90), else 4 (8 warps spill on (16, 16) bf16 tiles). Measured with
+    ``python -m contsup_fast.kernels.compile_report`` (docs/gpu-validation.md)."""
+    return 8 if block_c * block_k >= 64 * 32 else 4
 
 
 # ----------------------------------------------------------------------------------------
@@ -162,7 +169,7 @@ def _ctx_grad_kernel(
     shift = tl.load(bn_ptr + C + co, mask=mc, other=0)
     center = tl.load(center_ptr + kk, mask=mkk, other=0)
     G = zeros_acc(BLOCK_C, BLOCK_K, FP64)
-    D = zeros_acc(BLOCK_C, BLOCK_Q, FP64)
+    D = tl.sum(zeros_acc(BLOCK_C, BLOCK_Q, FP64), 1)  # (BLOCK_C,): reduced every step
     start, end = chunk_bounds(sp, QCHUNK, Q)
     for q0 in range(start, end, BLOCK_Q):
         mq, n, i, j = chunk_block(q0, end, HO * WO, WO, BLOCK_Q)
@@ -174,7 +181,7 @@ def _ctx_grad_kernel(
                 y = _ctx_preact(c_ptr, c_off, sC, CR, w_ptr, co, mc, mq, scale, shift,
                                 FP64, BLOCK_C, BLOCK_K, BLOCK_Q, PREC, UPCAST)
                 dz = tl.where(y > 0, g, 0.0)
-                D += dz
+                D += tl.sum(dz, 1)
                 mk2 = mq[:, None] & mkk[None, :]
                 ck = tl.load(c_ptr + c_off[:, None] + kk[None, :] * sC, mask=mk2, other=0)
                 ckc = tl.where(mk2, to_acc(ck, FP64) - center[None, :], 0.0).to(ck.dtype)
@@ -182,7 +189,7 @@ def _ctx_grad_kernel(
     tl.store(gpart_ptr + sp * C * CR + co[:, None] * CR + kk[None, :], G,
              mask=mc[:, None] & mkk[None, :])
     if tl.program_id(2) == 0:
-        tl.store(dpart_ptr + sp * C + co, tl.sum(D, 1), mask=mc)
+        tl.store(dpart_ptr + sp * C + co, D, mask=mc)
 
 
 # ----------------------------------------------------------------------------------------
@@ -198,12 +205,15 @@ def _context_moments(c: Tensor) -> Tuple[Tensor, Tensor]:
     big = 32 if acc == torch.float64 else 64  # fp64 tiles: keep shared memory < 100 KB
     block_k, block_p = pow2(CR, 16, big), pixel_block(P, 32)
     kt = triton.cdiv(CR, block_k)
-    splits, chunk = split_plan(P, block_p, kt * (kt + 1) // 2, c.device)
+    meta = dict(SHIFT=shift, FP64=acc == torch.float64, BLOCK_K=block_k, BLOCK_P=block_p,
+                PREC=prec, UPCAST=upcast, num_stages=2)
+    args = [c, *strides4(c), CR, H * W, W, P, block_p, acc, acc]  # acc: buffers to come
+    resident = resident_programs(_ctx_gram_kernel, args, meta, c.device)
+    splits, chunk = split_plan(P, block_p, kt * kt, c.device, resident)  # grid (splits, kt, kt)
     gram = torch.empty((splits, CR, CR), dtype=acc, device=c.device)
     sums = torch.empty((splits, CR), dtype=acc, device=c.device)
-    launch(_ctx_gram_kernel, (splits, kt, kt), c, *strides4(c), CR, H * W, W, P, chunk, gram, sums,
-           SHIFT=shift, FP64=acc == torch.float64, BLOCK_K=block_k, BLOCK_P=block_p,
-           PREC=prec, UPCAST=upcast, num_stages=2)
+    args[9:] = [chunk, gram, sums]
+    launch(_ctx_gram_kernel, (splits, kt, kt), *args, **meta)
     d = sums.sum(0) / P
     tile = torch.arange(CR, device=c.device) // block_k
     g = gram.sum(0)
@@ -264,18 +274,22 @@ def _grad_sums(grad_out: Tensor, c: Tensor, w_dot: Tensor, bn: Tensor,
     Q = N * HO * WO
     acc = acc_dtype(c.dtype)
     _, prec, upcast = dot_config(c.dtype)
-    block_c, block_k, block_q = pow2(C, 16, 64), pow2(CR, 16, 64), pixel_block(Q, 64)
+    # 32 pixels per step for 4-byte operands and 64x64 tiles: at 64, fp32 (32|64, 32|64) tiles
+    # spill 8-16 B on sm_90 and 16-bit 64x64 tiles 8 B on sm_80 (NCHW strides); the same
+    # reads, in twice the steps
+    block_c, block_k = pow2(C, 16, 64), pow2(CR, 16, 64)
+    small_q = c.element_size() >= 4 or block_c * block_k >= 64 * 64
+    block_q = pixel_block(Q, 32 if small_q else 64)
     ct, kt = triton.cdiv(C, block_c), triton.cdiv(CR, block_k)
-    splits, chunk = split_plan(Q, block_q, ct * kt, c.device)
-    gpart = torch.empty((splits, C, CR), dtype=acc, device=c.device)
-    dpart = torch.empty((splits, C), dtype=acc, device=c.device)
     sh, sw = int(c.shape[2]) // HO, int(c.shape[3]) // WO
-    launch(_ctx_grad_kernel, (splits, ct, kt), grad_out, *strides4(grad_out), C, HO, WO, Q, chunk,
-           c, *strides4(c), CR, w_dot, bn, center, sh, sw, gpart, dpart,
-           FP64=acc == torch.float64, BLOCK_C=block_c, BLOCK_K=block_k, BLOCK_Q=block_q,
-           PREC=prec, UPCAST=upcast)
+    meta = dict(FP64=acc == torch.float64, BLOCK_C=block_c, BLOCK_K=block_k, BLOCK_Q=block_q,
+                PREC=prec, UPCAST=upcast, num_warps=_grad_warps(block_c, block_k))
+    args = [grad_out, *strides4(grad_out), C, HO, WO, Q, block_q, c, *strides4(c), CR, w_dot, bn,
+            center, sh, sw, acc, acc]  # acc: the partial buffers, allocated below
+    G, D = launch_split_sums(_ctx_grad_kernel, args, meta, Q, block_q, (ct, kt), C, CR, acc,
+                             c.device)
     inv_win = 1.0 / (sh * sw)
-    return gpart.sum(0) * inv_win, dpart.sum(0) * inv_win
+    return G * inv_win, D * inv_win
 
 
 # ----------------------------------------------------------------------------------------

@@ -6,6 +6,11 @@
 #
 # Phases (each under `timeout` with its own budget; later budgets shrink to what is left of
 # the TOTAL, so the run ends in time; a phase that overruns is stopped with SIGINT and reported):
+#   0. compile-report  first, in the background while 1-5 run: python -m
+#                contsup_fast.kernels.compile_report for sm_90 (registers, spills, shared memory,
+#                occupancy, one-wave plans of the Triton kernels at the real launches of ResNet-32
+#                and ResNet-50 R1E steps, bf16/fp32, channels_last, training), so the first GPU
+#                run starts from known resource figures (JSON in bench/compile_report/)
 #   1. build     the extension in place for sm_90 (setup.py build_ext --inplace, no network),
 #                in parallel with `data`: unpack the CIFAR-10 pack carried in .gpuval/cifar10
 #   2. check     python -m contsup_fast.check (every backend vs the float64 reference)
@@ -97,9 +102,9 @@ DATA=$WORK/cifar10
 CARRY=${GPUVAL_CARRY:-$ROOT/.gpuval}  # the carried folder: cifar10/ pack, ContSup/ reference
 # nominal budgets in seconds (phases after the accuracy runs get what is left of TOTAL)
 if [ $DRY = 1 ]; then
-  B_DATA=30 B_BUILD=0 B_ACC=150 B_CHECK=120 B_TESTS=120 B_MEM=0 B_RACE=0 B_SAN=120 B_STEP=150 B_REF=60 B_KER=120
+  B_CR=120 B_DATA=30 B_BUILD=0 B_ACC=150 B_CHECK=120 B_TESTS=120 B_MEM=0 B_RACE=0 B_SAN=120 B_STEP=150 B_REF=60 B_KER=120
 else
-  B_DATA=90 B_BUILD=200 B_ACC=230 B_CHECK=90 B_TESTS=220 B_MEM=140 B_RACE=100 B_SAN=0 B_STEP=110 B_REF=45 B_KER=75
+  B_CR=200 B_DATA=90 B_BUILD=200 B_ACC=230 B_CHECK=90 B_TESTS=220 B_MEM=140 B_RACE=100 B_SAN=0 B_STEP=110 B_REF=45 B_KER=75
 fi
 B_PACK=10
 POST=$((B_STEP + B_REF + B_KER + B_PACK))  # kept free after the accuracy phase
@@ -176,6 +181,17 @@ if [ $DRY = 0 ] && grep -q "GPU: none" "$RES/logs/env.log"; then
 fi
 # contsup_fast.kernels is a link to kernels/ in a development checkout (git-ignored: it does not travel)
 [ -e contsup_fast/kernels ] || ln -s ../kernels contsup_fast/kernels
+
+# ------------------------------------------------------------------------------ 0. compile report
+if [ $DRY = 1 ]; then  # the plumbing at a toy size: one eval step of ResNet-32, batch 8
+  CR_ARGS=(--configs resnet32 --dtypes bf16 --layouts nhwc --modes eval --batch 8)
+else
+  CR_ARGS=(--configs resnet32 resnet50 --dtypes bf16 fp32 --layouts nhwc --modes train)
+fi
+# in the background from here to the phases with the GPU to itself (it needs no GPU)
+(phase compile-report "$(fit $B_CR $POST)" "$PY" -m contsup_fast.kernels.compile_report \
+   --arch sm_90 "${CR_ARGS[@]}" --out "$RES/bench/compile_report") &
+CR_PID=$!
 
 # ------------------------------------------------------------------------------ 1. build + data
 build() {
@@ -276,7 +292,7 @@ else
    phase racecheck "$(fit $B_RACE $ALONG)" sanitize racecheck --ops-only) &
   P_SAN=$!
 fi
-wait $P_CHECK $P_TESTS $P_SAN
+wait $P_CHECK $P_TESTS $P_SAN $CR_PID
 [ -n "$ACC_PID" ] && wait "$ACC_PID"
 
 # ------------------------------------------------------------------------------ 6, 7, 8 with the GPU to itself

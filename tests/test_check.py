@@ -109,3 +109,12 @@ def test_extension_architectures_are_read_from_the_fat_binary(tmp_path):
 def test_every_backend_is_correct_on_the_gpu():
     reports = check.run_checks(torch.device("cuda"), time_it=False)
     assert [r.name for r in reports if r.wrong] == [], [r.verdict() for r in reports]
+
+
+def test_compile_option_refuses_an_unknown_architecture(capsys):
+    """``--compile`` hands over to the compile report, whose --arch names what is allowed."""
+    with pytest.raises(SystemExit) as exc:
+        check.main(["--compile", "sm_70"])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert "sm_70" in err and "sm_90" in err and "sm_80" in err

@@ -43,13 +43,14 @@ def test_dry_run_runs_every_phase_and_packs_results(tmp_path):
     for f in ["gpuval/summary.txt", "gpuval/summary.json", "gpuval/logs/env.log", "gpuval/logs/check.log",
               "gpuval/accuracy/e2e_K1/log.json", "gpuval/accuracy/R1E_supcon_K16/log.json",
               "gpuval/bench/train_step-resnet32/train_step_cpu_quick.json", "gpuval/bench/kernels-residual/kernels_cpu_quick.json",
-              "gpuval/bench/kernels-image_tail/kernels_cpu_quick.json"]:
+              "gpuval/bench/kernels-image_tail/kernels_cpu_quick.json",
+              "gpuval/bench/compile_report/compile_report.json"]:
         assert f in names, f
     assert not any(n.endswith(".pt") for n in names)
     status = {line.split("\t")[0]: line.split("\t")[1] for line in phases.splitlines()}
     assert status["build"] == status["memcheck"] == status["racecheck"] == "skipped"
     assert status["reference"] == "skipped"
-    for name in ("data", "check", "accuracy", "gpu-tests", "sanitize-step-cpu", "train-step", "kernels"):
+    for name in ("compile-report", "data", "check", "accuracy", "gpu-tests", "sanitize-step-cpu", "train-step", "kernels"):
         assert status[name] == "ok", (name, status)
     summary = (out / "summary.txt").read_text()
     assert "skipped: no GPU" in summary and "== accuracy" in summary and "== train step" in summary

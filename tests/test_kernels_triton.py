@@ -611,8 +611,8 @@ def warmup(kernel, grid, *args, **meta):  # compile (TTIR .. PTX .. cubin), do n
     kernel.warmup(*args, grid=grid, **meta)
     built.add((kernel.fn.__name__, tuple(sorted(meta.items()))))
 
-_bn_kernels.launch = _residual.launch = warmup
-for dt in (torch.float32, torch.bfloat16, torch.float16, torch.float64):
+_bn_kernels.launch = _residual.launch = _common.launch = warmup  # _common: launch_split_sums
+for dt in (torch.float32, torch.bfloat16, torch.float64):  # fp16 compiles as bf16 does
     p = torch.float64 if dt == torch.float64 else torch.float32
     vec = lambda: torch.rand(24, dtype=p) + 0.5
     h = torch.randn(2, 24, 4, 4, dtype=dt)
@@ -636,13 +636,20 @@ print("built", len(built), "kernel variants for sm_90")
 
 
 def test_kernels_build_for_sm90():
-    """Every kernel variant the ops launch (fp32/bf16/fp16/fp64, train/eval) compiles to an
-    sm_90 cubin with Triton's bundled ptxas -- no GPU needed."""
+    """Every kernel variant the small ops launch (fp32/bf16/fp64, train/eval) compiles to an
+    sm_90 cubin with Triton's bundled ptxas -- no GPU needed. (fp16 takes bf16's code paths;
+    the model-sized launches are compiled by tests/test_compile_report.py.) Bounded: ``nice``,
+    a persistent Triton cache dir (reruns take seconds) and a 420 s timeout."""
     import subprocess
 
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    proc = subprocess.run([sys.executable, "-c", _SM90_SCRIPT, str(ROOT)], env=env,
-                          capture_output=True, text=True, timeout=600)
+    env["TRITON_CACHE_DIR"] = os.environ.get(
+        "CONTSUP_TRITON_CACHE", str(pathlib.Path.home() / ".cache" / "contsup_fast" / "triton-sm90"))
+    try:
+        proc = subprocess.run(["nice", "-n", "5", sys.executable, "-c", _SM90_SCRIPT, str(ROOT)],
+                              env=env, capture_output=True, text=True, timeout=420)
+    except subprocess.TimeoutExpired:
+        pytest.fail("building the sm_90 kernel variants took over 420 s")
     if proc.returncode == 77:
         pytest.skip(f"cannot set up an sm_90 Triton target here: {proc.stdout.strip()}")
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
