@@ -30,6 +30,7 @@ import torch
 import torch.fx as fx
 from torch import nn
 
+from .aux_outputs import keep_main_logits
 from .presets import cut_to_node_name, preset_cuts
 
 __all__ = ["SplitPlan", "plan_split", "trace", "UnsplittableModelError"]
@@ -250,7 +251,7 @@ def plan_split(model: nn.Module, K: int, split: Union[None, str, Sequence[Union[
     """
     if not isinstance(K, int) or isinstance(K, bool) or K < 1:
         raise ValueError(f"K must be an integer >= 1, got {K!r}")
-    gm = trace(model)
+    gm = keep_main_logits(trace(model), type(model).__name__)
     shapes, costs = _propagate_shapes(gm, input_size)
     cand_nodes = _cut_candidates(gm, shapes)
     candidates = [n.name for n in cand_nodes]
