@@ -137,7 +137,7 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("model")
     g.add_argument("--model", default="resnet32",
                    help=f"CIFAR ResNet ({'/'.join(CIFAR_RESNETS)}) or a torchvision "
-                        f"classification model name (resnet18, vgg11_bn, ...)")
+                        f"classification model name (resnet18, vgg11_bn, ...) or timm:<name>")
     g.add_argument("--K", type=_positive_int, default=16, help="number of local modules")
     g.add_argument("--context", default="RnE",
                    help="context supply: R0 (none), E, Rn, RnE (n from --n) or R<k>, R<k>E")
