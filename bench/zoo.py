@@ -23,7 +23,9 @@ Statuses: ``ok``; ``refused`` (LocalSequential raised ValueError: the reason is 
 ``error`` (any other exception, e.g. the model rejects every input size); ``mismatch``
 (``to_module()`` differs from eval, or non-finite logits); ``oom`` (an allocation failed
 under the memory cap); ``timeout``; ``crashed`` (the process died, e.g. killed by a signal);
-``not run`` (the model's process ended before reaching this configuration).
+``not run`` (the model's process ended before reaching this configuration); ``wrong layout``
+(it ran, but a version without layout support read a channels-last cut tensor, shape
+(N, H, W, C) with H == W != C, as (N, C, H, W): Swin before issue 22).
 
 Writes ``bench/results/zoo_<tag>.json`` (rows, settings, environment) and
 ``bench/results/zoo_<tag>.md`` (the table), rewritten after every model, so a stopped sweep
@@ -55,7 +57,7 @@ LARGE = ("vit_h_14", "regnet_y_128gf", "vit_l_16", "vit_l_32", "swin_v2_b", "swi
          "resnext101_64x4d", "wide_resnet101_2")
 SIZES = (32, 64, 75, 96, 128, 160, 192, 224, 256)
 ROW_TAG = "ZOO-ROW "
-STATUSES = ("ok", "refused", "error", "mismatch", "oom", "timeout", "crashed", "not run")
+STATUSES = ("ok", "wrong layout", "refused", "error", "mismatch", "oom", "timeout", "crashed", "not run")
 
 
 def zoo_models(timm_models: Sequence[str] = TIMM_MODELS) -> List[str]:
@@ -235,7 +237,29 @@ def run_isolated(name: str, args: argparse.Namespace) -> List[Dict[str, object]]
         r.setdefault("seconds", None)
     rows[0]["model_seconds"] = time.perf_counter() - t0
     _add_ratios(rows)
+    flag_channels_last(rows)
     return rows
+
+
+def _has_layout_support() -> bool:
+    """Whether this contsup_fast records each cut's layout (NCHW, NHWC, tokens: issue 22)."""
+    import importlib.util
+
+    return importlib.util.find_spec("contsup_fast.layouts") is not None
+
+
+def flag_channels_last(rows: List[Dict[str, object]]) -> None:
+    """Without layout support, mark ``ok`` rows whose cut tensors look (N, H, W, C) as
+    ``wrong layout``: features of shape (H, W, C) with H == W != C at a square input are read
+    as (C, H, W) by such a version (Swin: context terms and heads sized by a spatial extent)."""
+    if _has_layout_support():
+        return
+    for r in rows:
+        looks = [s for s in r.get("cut_shapes") or [] if len(s) == 3 and s[0] == s[1] != s[2]]
+        if r.get("status") == "ok" and looks:
+            r["status"] = "wrong layout"
+            r["reason"] = (f"a cut tensor has shape (N, {', '.join(map(str, looks[0]))}), channels last "
+                           f"(N, H, W, C), which this version reads as (N, C, H, W)")
 
 
 def _add_ratios(rows: List[Dict[str, object]]) -> None:
@@ -299,6 +323,33 @@ def markdown(rows: List[Dict[str, object]], settings: Dict[str, object], machine
     return "\n".join(text) + "\n"
 
 
+def _write(tag: str, payload: Dict[str, object], out_dir: Optional[Path]) -> None:
+    from .common import write_json
+
+    write_json(f"zoo_{tag}", payload, out_dir)
+    md = (out_dir or Path(__file__).resolve().parent / "results") / f"zoo_{tag}.md"
+    md.write_text(markdown(payload["rows"], payload["settings"], payload["machine"]))
+
+
+def render(paths: Sequence[str], tag: Optional[str], out_dir: Optional[str]) -> List[Dict[str, object]]:
+    """``--render``: the rows of ``paths[0]``, those of each later JSON replacing the rows of
+    the same models (its settings noted in ``replaced_from``), flagged with
+    :func:`flag_channels_last`, written as ``zoo_<tag>`` (default: the first file's name)."""
+    payload = json.loads(Path(paths[0]).read_text())
+    rows = payload["rows"]
+    for extra in paths[1:]:
+        other = json.loads(Path(extra).read_text())
+        names = {r["model"] for r in other["rows"]}
+        rows = [r for r in rows if r["model"] not in names] + other["rows"]
+        payload.setdefault("replaced_from", []).append(
+            {"file": Path(extra).name, "models": sorted(names), "settings": other["settings"],
+             "environment": other["environment"]})
+    flag_channels_last(rows)
+    payload["rows"] = rows
+    _write(tag or Path(paths[0]).stem[len("zoo_"):], payload, Path(out_dir) if out_dir else None)
+    return rows
+
+
 def main(argv: Optional[List[str]] = None) -> List[Dict[str, object]]:
     """``python -m bench.zoo`` (see module docstring). Returns every row."""
     p = argparse.ArgumentParser(description="LocalSequential over the torchvision (and timm) model zoo")
@@ -317,14 +368,19 @@ def main(argv: Optional[List[str]] = None) -> List[Dict[str, object]]:
     p.add_argument("--threads", type=int, default=2, help="torch threads in each model's process")
     p.add_argument("--tag", default=None, help="results name: bench/results/zoo_<tag>.json/.md")
     p.add_argument("--out-dir", default=None, help="folder of the results (default bench/results)")
+    p.add_argument("--render", nargs="+", default=None, metavar="JSON",
+                   help="measure nothing: rewrite the table of a zoo JSON; rows of later JSONs replace "
+                        "those of the same models (keeps the first JSON's settings)")
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.child:
         child(args.child, args.K, args.contexts, args.batch, args.sizes, args.warmup, args.threads)
         return []
+    if args.render:
+        return render(args.render, args.tag, args.out_dir)
     import torch
 
-    from .common import environment, write_json
+    from .common import environment
 
     models = args.models or zoo_models()
     tag = args.tag or ("cpu" if args.models is None else "cpu_subset")
@@ -341,10 +397,7 @@ def main(argv: Optional[List[str]] = None) -> List[Dict[str, object]]:
         print(f"[{i + 1}/{len(models)}] {name}: " + ", ".join(
             f"{'E2E' if r['K'] == 1 else 'K=%d %s' % (r['K'], r['context'])} {r['status']}" for r in got)
             + f" ({first['model_seconds']:.0f} s)", flush=True)
-        write_json(f"zoo_{tag}", {"environment": env, "machine": machine, "settings": settings, "rows": rows},
-                   out_dir)
-        md = (out_dir or Path(__file__).resolve().parent / "results") / f"zoo_{tag}.md"
-        md.write_text(markdown(rows, settings, machine))
+        _write(tag, {"environment": env, "machine": machine, "settings": settings, "rows": rows}, out_dir)
     return rows
 
 

@@ -61,3 +61,26 @@ def test_markdown_table_and_reasons():
     assert "- **b** (E2E) oom: RuntimeError: can't allocate" in text
     assert "Not run (the sweep was stopped before them): c." in text
     assert "2-core x86_64 CPU, no GPU" in text and "`python -m bench.zoo`" in text
+
+
+def test_render_merges_later_rows_and_flags_channels_last(tmp_path):
+    settings = {"K": [2], "contexts": ["R0"], "batch": 2, "warmup": 0, "memory_gib": 8.0,
+                "timeout": 60.0, "command": "python -m bench.zoo", "models": ["cnn", "swin"]}
+    ok = {"status": "ok", "params": 1e6, "input": 224, "saved_peak_MiB": 4.0, "true_peak_MiB": 8.0}
+    first = [{"model": "cnn", "K": 1, "context": "E2E", **ok},
+             {"model": "cnn", "K": 2, "context": "R0", **ok, "cut_shapes": [[64, 56, 56]]},
+             {"model": "swin", "K": 1, "context": "E2E", "status": "timeout", "reason": "slow"}]
+    later = [{"model": "swin", "K": 1, "context": "E2E", **ok},
+             {"model": "swin", "K": 2, "context": "R0", **ok, "cut_shapes": [[56, 56, 96]]}]
+    for name, rows in (("zoo_a.json", first), ("zoo_b.json", later)):
+        (tmp_path / name).write_text(json.dumps({"environment": {"torch": "x"}, "settings": settings,
+                                                 "machine": "2-core x86_64 CPU, no GPU", "rows": rows}))
+    rows = zoo.main(["--render", str(tmp_path / "zoo_a.json"), str(tmp_path / "zoo_b.json"),
+                     "--tag", "merged", "--out-dir", str(tmp_path)])
+    by = {(r["model"], r["K"]): r for r in rows}
+    assert by[("swin", 1)]["status"] == "ok" and by[("cnn", 2)]["status"] == "ok"
+    expected = "ok" if zoo._has_layout_support() else "wrong layout"  # a version that knows layouts
+    assert by[("swin", 2)]["status"] == expected
+    saved = json.loads((tmp_path / "zoo_merged.json").read_text())
+    assert saved["replaced_from"][0]["models"] == ["swin"]
+    assert "| swin | 224x224 |" in (tmp_path / "zoo_merged.md").read_text()
