@@ -50,6 +50,12 @@ from typing import Dict, List, Optional, Sequence
 TIMM_MODELS = ("resnet18", "convnext_atto", "efficientnet_b0", "mobilenetv3_small_100",
                "vit_tiny_patch16_224", "deit_tiny_patch16_224", "deit_tiny_distilled_patch16_224",
                "swin_tiny_patch4_window7_224", "maxvit_rmlp_pico_rw_256")
+#: one small member of every torchvision family, run first so that a stopped sweep covers
+#: every family (then the timm list, the other torchvision models, and LARGE last).
+FIRST = ("resnet18", "mobilenet_v3_small", "squeezenet1_0", "shufflenet_v2_x0_5", "mnasnet0_5",
+         "regnet_x_400mf", "efficientnet_b0", "googlenet", "inception_v3", "densenet121", "alexnet",
+         "vgg11", "convnext_tiny", "maxvit_t", "swin_t", "swin_v2_t", "vit_b_32", "vit_b_16",
+         "resnext50_32x4d", "wide_resnet50_2", "efficientnet_v2_s", "mobilenet_v2")
 #: the largest torchvision models (parameters or compute), run last so that a stopped sweep has
 #: the most rows; several exceed a 10 GiB cap or a 2-core CPU's timeout.
 LARGE = ("vit_h_14", "regnet_y_128gf", "vit_l_16", "vit_l_32", "swin_v2_b", "swin_b", "regnet_y_32gf",
@@ -62,8 +68,8 @@ STATUSES = ("ok", "wrong layout", "refused", "error", "mismatch", "oom", "timeou
 
 def zoo_models(timm_models: Sequence[str] = TIMM_MODELS) -> List[str]:
     """Every torchvision classification model (``torchvision.models.list_models``) and
-    ``timm:<name>`` for each of ``timm_models`` (left out when timm is not installed), the
-    torchvision models of :data:`LARGE` last."""
+    ``timm:<name>`` for each of ``timm_models`` (left out when timm is not installed), in the
+    order: :data:`FIRST`, the timm models, the other torchvision models, :data:`LARGE`."""
     import torchvision
 
     names = list(torchvision.models.list_models(module=torchvision.models))
@@ -72,7 +78,9 @@ def zoo_models(timm_models: Sequence[str] = TIMM_MODELS) -> List[str]:
         extra = [f"timm:{n}" for n in timm_models]
     except ImportError:
         extra = []
-    return [n for n in names if n not in LARGE] + extra + [n for n in LARGE if n in names]
+    first = [n for n in FIRST if n in names]
+    return (first + extra + [n for n in names if n not in LARGE and n not in first]
+            + [n for n in LARGE if n in names])
 
 
 def configs(Ks: Sequence[int], contexts: Sequence[str]) -> List[tuple]:
