@@ -284,7 +284,7 @@ def _fmt_ratio(r: Optional[Dict[str, object]]) -> str:
     if r.get("status") != "ok":
         return str(r.get("status"))
     if "saved_ratio" not in r:
-        return f"{r['saved_peak_MiB']:.0f} / {r['true_peak_MiB']:.0f} MiB"
+        return f"{r['saved_peak_MiB']:.3g} / {r['true_peak_MiB']:.3g} MiB"
     return f"{r['saved_ratio']:.0%} / {r['true_ratio']:.0%}"
 
 
@@ -305,7 +305,7 @@ def markdown(rows: List[Dict[str, object]], settings: Dict[str, object], machine
         local = [cells.get(c) for c in cfgs]
         statuses = sorted({c["status"] for c in local if c}, key=STATUSES.index) or ["-"]
         wraps = "yes" if statuses == ["ok"] else ("no" if "ok" not in statuses else "partly")
-        e2e_cell = (f"{e2e['saved_peak_MiB']:.0f} / {e2e['true_peak_MiB']:.0f}" if e2e and e2e["status"] == "ok"
+        e2e_cell = (f"{e2e['saved_peak_MiB']:.3g} / {e2e['true_peak_MiB']:.3g}" if e2e and e2e["status"] == "ok"
                     else (e2e or {}).get("status", "-"))
         params = f"{first['params'] / 1e6:.1f}" if first.get("params") else "-"
         size = f"{first['input']}x{first['input']}" if first.get("input") else "-"
