@@ -94,7 +94,8 @@ class Layout:
 
     def describe(self) -> str:
         if self.kind == "tokens":
-            return f"tokens (L={self.shape[0]}: {self.prefix} prefix + {self.grid[0]}x{self.grid[1]} grid, D={self.shape[1]})"
+            return (f"tokens (L={self.shape[0]}: {self.prefix} prefix + {self.grid[0]}x{self.grid[1]} grid, "
+                    f"D={self.shape[1]})")
         return f"{self.kind} {'x'.join(map(str, self.shape))}"
 
 

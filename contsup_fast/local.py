@@ -107,7 +107,7 @@ class LocalSequential(nn.Module):
         n: the ``n`` of ``"Rn"``/``"RnE"`` (default 1, so ``"RnE"`` is R1E).
         aux: auxiliary head: None (default: ``1c2f`` where every boundary carries (N, C, H, W)
             maps, the token head of :mod:`contsup_fast.tokens` where tokens or (N, H, W, C)
-            maps cross), one of ``0c1f 0c2f 1c1f 1c2f 1c3f 2c2f`` (ContSup/InfoPro
+            maps cross), ``"token"`` (that token head, named), one of ``0c1f 0c2f 1c1f 1c2f 1c3f 2c2f`` (ContSup/InfoPro
             ``<a>c<b>f``, (N, C, H, W) maps only), ``"auglocal"`` (AugLocal, ICLR 2024: copies
             of later layers, :mod:`contsup_fast.auglocal`) or ``"dgl"`` (DGL "mlp-sr", ICML
             2020). Transformers: see ``docs/transformers.md``.
@@ -174,8 +174,9 @@ class LocalSequential(nn.Module):
         if not isinstance(model, nn.Module):
             raise ValueError(f"model must be an nn.Module, got {type(model).__name__}")
         self.spec: ContextSpec = parse_context(context, n)
-        if aux is not None and aux not in AUX_METHODS:
-            raise ValueError(f"aux must be None (the layout's default) or one of {AUX_METHODS}, got {aux!r}")
+        if aux is not None and aux not in AUX_METHODS + ("token",):
+            raise ValueError(f"aux must be one of {AUX_METHODS + ('token',)} or None (the layout's "
+                             f"default), got {aux!r}")
         auglocal.check_options(aux_depth, aux_pyramid)
         G = check_width_groups(width_groups)
         if G > 1 and aux is not None and aux not in AUX_CONFIGS:
@@ -214,6 +215,10 @@ class LocalSequential(nn.Module):
                              f"{type(model).__name__} hands {self.layouts[channels_last.index(True)].describe()} "
                              f"across a boundary; use aux=None (the token head), 'dgl' or 'auglocal' "
                              f"without width_groups")
+        if aux == "token" and self.layouts and not any(channels_last):
+            raise ValueError(f"aux='token' is the head for tokens and (N, H, W, C) maps, but every boundary "
+                             f"of {type(model).__name__} carries (N, C, H, W) maps; use aux=None or one of "
+                             f"{AUX_METHODS}")
         if aux is None:
             aux = "token" if any(channels_last) else "1c2f"
         self.aux = aux
