@@ -51,10 +51,11 @@ from torch import Tensor, nn
 from . import auglocal
 from .context import ContextTerms
 from .layouts import Layout, from_grid, grid_view
+from .losses import loss_precision
 
 __all__ = ["NORMS", "DEFAULT_NORM", "DEFAULT_SCALE", "ChannelNorm", "PatchEmbedEncoder",
            "TokenResidualEncoder", "TokenContext", "TokenHead", "TokenDGLHead", "TokenAugLocalHead",
-           "TokenDecoder", "patch_size", "pool", "block_layers"]
+           "TokenDecoder", "patch_size", "pool", "block_layers", "resolve_aux", "auglocal_heads"]
 
 #: norms of the token context terms: LayerNorm over D, or BatchNorm over D (statistics over
 #: the batch and the tokens)
@@ -186,6 +187,29 @@ class TokenContext(ContextTerms):
         for t, g in zip(terms, scales):
             out = out + (t if g is None else t * g)
         return out
+
+
+def resolve_aux(aux: Optional[str], width_groups: int, layouts: Sequence[Layout], model_name: str) -> str:
+    """The auxiliary head for boundaries of ``layouts``: ``aux=None`` gives ``"token"`` where a
+    token or NHWC tensor crosses, else ``"1c2f"``.
+
+    Raises:
+        ValueError: a convolutional ``<a>c<b>f`` head or ``width_groups > 1`` on a model with a
+            token or NHWC boundary; ``aux="token"`` on a model whose boundaries are all NCHW.
+    """
+    from .heads import AUX_CONFIGS, AUX_METHODS
+    channels_last = [lay for lay in layouts if lay.channels_last]
+    if channels_last and (width_groups > 1 or aux in AUX_CONFIGS):
+        what = f"width_groups={width_groups}" if width_groups > 1 else f"aux={aux!r}"
+        raise ValueError(f"{what} is a convolutional head for (N, C, H, W) feature maps, but {model_name} "
+                         f"hands {channels_last[0].describe()} across a boundary; use aux=None (the token "
+                         f"head), 'dgl' or 'auglocal' without width_groups")
+    if aux == "token" and layouts and not channels_last:
+        raise ValueError(f"aux='token' is the head for tokens and (N, H, W, C) maps, but every boundary of "
+                         f"{model_name} carries (N, C, H, W) maps; use aux=None or one of {AUX_METHODS}")
+    if aux is None:
+        return "token" if channels_last else "1c2f"
+    return aux
 
 
 def pool(h: Tensor, layout: Layout, class_token: bool = True) -> Tensor:
@@ -331,7 +355,7 @@ def auglocal_heads(plan, layouts: Sequence[Layout], depth: int, pyramid, out_fea
 class TokenDecoder(nn.Module):
     """Token decoder to the image: patch tokens (or the NHWC map) -> LayerNorm -> Linear(D,
     C_img * p * p) -> (N, C_img, H, W) logits; ``forward(h, image01)`` returns the binary
-    cross-entropy (fp32, 0-dim) against the de-normalised image in [0, 1].
+    cross-entropy (0-dim; fp16/bf16 computed in fp32) against the de-normalised image in [0, 1].
 
     Raises:
         ValueError: the image is not p times the grid.
@@ -347,5 +371,5 @@ class TokenDecoder(nn.Module):
     def forward(self, h: Tensor, image01: Tensor) -> Tensor:
         grid, _ = grid_view(h, self.layout)  # (N, D, gh, gw)
         z = self.proj(self.norm(grid.permute(0, 2, 3, 1))).permute(0, 3, 1, 2)  # (N, C*p*p, gh, gw)
-        logits = F.pixel_shuffle(z, self.p)
-        return F.binary_cross_entropy_with_logits(logits.float(), image01.float())
+        logits = loss_precision(F.pixel_shuffle(z, self.p))
+        return F.binary_cross_entropy_with_logits(logits, image01.to(logits.dtype))
