@@ -35,9 +35,11 @@ Heads (any ``loss``; ``out_features`` classes or the embedding size):
   (AugLocal's uniform picks), then the default head's pooling, LayerNorm and a linear
   classifier; refused where a picked block cannot read what the previous one gives;
 * ``reconstruct=True`` (:class:`TokenDecoder`): the patch tokens -> LayerNorm -> Linear(D,
-  C_img * p * p) -> the p x p pixels of each patch (Pathak et al. 2022, "Local Learning on
-  Transformers via Feature Reconstruction", arXiv 2212.14215; MAE's linear pixel decoder),
-  binary cross-entropy against the de-normalised image as InfoPro's decoder.
+  C_img * p * p) -> the p x p pixels of each patch (a linear pixel decoder as MAE's), binary
+  cross-entropy against the de-normalised image as InfoPro's decoder: InfoPro's image
+  reconstruction on a transformer, the "InfoPro-Transformer" baseline of Pathak et al. 2022
+  ("Local Learning on Transformers via Feature Reconstruction", arXiv 2212.14215); their own
+  method reconstructs the module's input features instead and is not implemented here.
 """
 from __future__ import annotations
 
@@ -154,7 +156,8 @@ class TokenContext(ContextTerms):
         image_channels: channels of the image (E), or None without E.
         image_size: (H, W) of the image.
         residual: ``(source index i, layout of a_i)`` for every R term.
-        norm, scale: the terms' norm (:data:`NORMS`) and initial scale.
+        norm, scale: the terms' norm (:data:`NORMS`) and initial scale (None:
+            :data:`DEFAULT_NORM`, :data:`DEFAULT_SCALE`, read when the context is built).
         gate, gate_init, mean: as :class:`~contsup_fast.context.BoundaryContext`.
 
     ``forward(h, inputs, x, backend)``: ``h`` of ``layout`` (detached), ``inputs`` ``i -> a_i``,
@@ -166,10 +169,12 @@ class TokenContext(ContextTerms):
     """
 
     def __init__(self, layout: Layout, image_channels: Optional[int], image_size: Sequence[int],
-                 residual: Sequence[Tuple[int, Layout]], norm: str = DEFAULT_NORM,
-                 scale: float = DEFAULT_SCALE, gate: Optional[str] = None, gate_init: float = 0.1,
+                 residual: Sequence[Tuple[int, Layout]], norm: Optional[str] = None,
+                 scale: Optional[float] = None, gate: Optional[str] = None, gate_init: float = 0.1,
                  mean: bool = False):
         super().__init__()
+        norm = DEFAULT_NORM if norm is None else norm
+        scale = DEFAULT_SCALE if scale is None else scale
         self.layout = layout
         self.image = PatchEmbedEncoder(image_channels, image_size, layout, norm, scale) if image_channels else None
         self.residual = nn.ModuleList(TokenResidualEncoder(src, layout, i, norm, scale) for i, src in residual)
