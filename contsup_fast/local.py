@@ -225,7 +225,8 @@ class LocalSequential(nn.Module):
         if len(out_shape) != 2:
             raise ValueError(f"model must return logits of shape (N, classes), it returns shape {out_shape}")
         self.num_classes = out_shape[1]
-        self.layouts = [plan.layout(c) for c in plan.cuts]  # layout of each module output h_j, j < K-1
+        #: the :class:`~contsup_fast.layouts.Layout` of each module output h_j, j < K-1
+        self.layouts = [plan.layout(c) for c in plan.cuts]
         aux = tokens.resolve_aux(aux, G, self.layouts, type(model).__name__)
         self.aux = aux
         self.reconstruct_weights = self._reconstruct_weights(model, reconstruct, reconstruct_weights, split)
@@ -533,7 +534,9 @@ class LocalSequential(nn.Module):
                 head = (f"{G}x{head}" if G > 1 else head) + ("+decoder" if m.decoder is not None else "")
             params = sum(p.numel() for p in m.parameters())
             blocks = m.blocks[0] if len(m.blocks) == 1 else f"{m.blocks[0]} .. {m.blocks[-1]} ({len(m.blocks)})"
-            row = (str(m.index), blocks, ctx, head, f"{params:,}", "x".join(map(str, m.out_shape)))
+            lay = self.layouts[m.index] if m.index < len(self.layouts) else None
+            kind = f" {lay.kind}" if lay is not None and lay.channels_last else ""  # CNN rows unchanged
+            row = (str(m.index), blocks, ctx, head, f"{params:,}", "x".join(map(str, m.out_shape)) + kind)
             if G > 1:
                 full, grouped = body_macs(m.body, in_shape)
                 row += (f"{full + grouped:,}", f"{macs_per_group(full, grouped, G):,}")
