@@ -4,12 +4,13 @@ from __future__ import annotations
 from torch import nn
 
 from .cifar_resnet import BasicBlock, CifarResNet, resnet20, resnet32, resnet44, resnet56, resnet110
+from .vit_cifar import vit_cifar
 
 __all__ = ["BasicBlock", "CifarResNet", "resnet20", "resnet32", "resnet44", "resnet56", "resnet110",
-           "CIFAR_MODELS", "TIMM_PREFIX", "build_model"]
+           "vit_cifar", "CIFAR_MODELS", "TIMM_PREFIX", "build_model"]
 
 CIFAR_MODELS = {"resnet20": resnet20, "resnet32": resnet32, "resnet44": resnet44,
-                "resnet56": resnet56, "resnet110": resnet110}
+                "resnet56": resnet56, "resnet110": resnet110, "vit_cifar": vit_cifar}
 
 
 TIMM_PREFIX = "timm:"
@@ -21,6 +22,7 @@ def build_model(name: str, num_classes: int = 10) -> nn.Module:
     ``name`` is one of:
 
     * a CIFAR ResNet: ``resnet20/32/44/56/110`` (:mod:`contsup_fast.models.cifar_resnet`);
+    * the CIFAR ViT ``vit_cifar`` (:mod:`contsup_fast.models.vit_cifar`);
     * a ``torchvision.models`` classification model (``resnet18``, ``wide_resnet50_2``,
       ``vgg11_bn``...), built with ``weights=None``;
     * ``"timm:<model>"``: a timm model (``timm:resnet18``, ``timm:convnext_atto``...), built
