@@ -10,6 +10,7 @@ Typical installs::
 
     pip install --no-build-isolation -e .        # dev install, builds against your torch
     pip install --no-build-isolation -e ".[vision,triton]"
+    pip install --no-build-isolation -e ".[timm]"     # timm models: --model timm:<name>
 
 Environment variables:
 
@@ -23,7 +24,8 @@ Environment variables:
 ``MAX_JOBS``              parallel compile jobs (ninja).
 
 Extras: ``vision`` (torchvision, needed by the torchvision models in
-``contsup_fast.models``), ``triton`` (Triton kernels, ``backend="triton"``), ``test``.
+``contsup_fast.models``), ``timm`` (timm models, ``build_model("timm:<name>")`` and
+``--model timm:<name>``), ``triton`` (Triton kernels, ``backend="triton"``), ``test``.
 """
 from __future__ import annotations
 
@@ -223,6 +225,7 @@ setup(
     extras_require={
         "triton": ["triton"],
         "vision": ["torchvision"],
+        "timm": ["timm", "torchvision"],
         "test": ["pytest"],
     },
     entry_points={

@@ -150,6 +150,12 @@ PRESETS: Dict[str, Protocol] = {
                   "R1": ["--context", "R1"], "R1E": _r1e(), "R1E ramp": _r1e("ramp"),
                   "R1E learned": _r1e("learned"), "R1E mean-last": _r1e(mean="last"),
                   "R1E supcon": _r1e("none", "last", "--loss", "supcon")}),
+    # a small ViT (contsup_fast.models.vit_cifar: patch 4, D=192, 6 blocks) on the cpu preset's
+    # schedule; the SGD learning rate is halved for a model without BatchNorm (not tuned)
+    "vit-cpu": Protocol(
+        name="vit-cpu", model="vit_cifar", K=4, epochs=12, subset=10000, seeds=[0, 1],
+        batch_size=128, lr=0.05, warmup_epochs=3, eval_every=3, extra=["--aux", "token"],
+        variants={"E2E": _E2E, "R0": _r0(), "R1E": _r1e()}),
     "smoke": Protocol(
         name="smoke", model="resnet20", K=4, epochs=2, subset=64, seeds=[0, 1],
         batch_size=32, lr=0.05, warmup_epochs=0.5, eval_every=1,

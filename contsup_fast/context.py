@@ -51,7 +51,7 @@ from torch import Tensor, nn
 from .fused.chunked import image_context_chunked
 from .fused.reference import update_running_stats
 
-__all__ = ["ContextSpec", "parse_context", "ImageEncoder", "ResidualEncoder", "BoundaryContext",
+__all__ = ["ContextSpec", "parse_context", "ImageEncoder", "ResidualEncoder", "ContextTerms", "BoundaryContext",
            "GATES", "MEANS", "check_gate", "check_mean"]
 
 #: context gates: None (the paper's form, g = 1), "ramp" (g = min(1, t / T) over the first T
@@ -284,28 +284,20 @@ def _integer_scale(src: Tensor, dst: Tensor) -> bool:
     return hs % hd == 0 and ws % wd == 0 and hs // hd == ws // wd
 
 
-class BoundaryContext(nn.Module):
-    """The context terms added at one boundary, owned by the local module they feed.
+class ContextTerms(nn.Module):
+    """What every boundary's context shares, whatever the layout: the encoders (``image``, E
+    or None; ``residual``, the R terms, each with a ``source`` index), the context gate and
+    the context mean (see the module docstring). Subclasses build the encoders, then call
+    :meth:`_init_gating`, and implement ``forward(h, inputs, x, backend)`` and
+    ``_forward_eager(h, inputs, x)``: :class:`BoundaryContext` for (N, C, H, W) maps,
+    :class:`~contsup_fast.tokens.TokenContext` for tokens and (N, H, W, C) maps."""
 
-    Args:
-        target_channels: C of the module output ``h`` the terms are added to.
-        image_channels: channels of the image ``x`` (E), or None without E.
-        residual: ``(source index i, channels of a_i)`` for every R term.
+    image: Optional[nn.Module]
+    residual: nn.ModuleList
 
-    ``forward(h, inputs, x, backend)`` takes ``h`` (N, C, H, W, detached), ``inputs`` a dict
-    ``i -> a_i`` of stored module inputs (detached) and the image ``x``; it returns
-    ``h + terms`` (or with ``mean=True`` their mean, ``(h + terms) / (1 + n_terms)``) with
-    gradients to the encoders only.
-    """
-
-    def __init__(self, target_channels: int, image_channels: Optional[int],
-                 residual: Sequence[Tuple[int, int]], gate: Optional[str] = None,
-                 gate_init: float = 0.1, mean: bool = False):
-        super().__init__()
+    def _init_gating(self, gate: Optional[str], gate_init: float, mean: bool) -> None:
         if gate not in GATES:
             raise ValueError(f"gate must be one of {GATES}, got {gate!r}")
-        self.image = ImageEncoder(image_channels, target_channels) if image_channels else None
-        self.residual = nn.ModuleList(ResidualEncoder(c, target_channels, i) for i, c in residual)
         self.gate_mode = gate
         if gate == "ramp":  # g in [0, 1], set by LocalSequential from its step count
             self.register_buffer("ramp", torch.ones(()), persistent=False)
@@ -352,6 +344,31 @@ class BoundaryContext(nn.Module):
         if self.mean:
             return f"(h + {' + '.join(terms)})/{1 + len(terms)}"
         return " + ".join(terms)
+
+
+class BoundaryContext(ContextTerms):
+    """The context terms added at one boundary, owned by the local module they feed.
+
+    Args:
+        target_channels: C of the module output ``h`` the terms are added to.
+        image_channels: channels of the image ``x`` (E), or None without E.
+        residual: ``(source index i, channels of a_i)`` for every R term.
+
+    ``forward(h, inputs, x, backend)`` takes ``h`` (N, C, H, W, detached), ``inputs`` a dict
+    ``i -> a_i`` of stored module inputs (detached) and the image ``x``; it returns
+    ``h + terms`` (or with ``mean=True`` their mean, ``(h + terms) / (1 + n_terms)``) with
+    gradients to the encoders only.
+    """
+
+    def __init__(self, target_channels: int, image_channels: Optional[int],
+                 residual: Sequence[Tuple[int, int]], gate: Optional[str] = None,
+                 gate_init: float = 0.1, mean: bool = False):
+        super().__init__()
+        if gate not in GATES:
+            raise ValueError(f"gate must be one of {GATES}, got {gate!r}")
+        self.image = ImageEncoder(image_channels, target_channels) if image_channels else None
+        self.residual = nn.ModuleList(ResidualEncoder(c, target_channels, i) for i, c in residual)
+        self._init_gating(gate, gate_init, mean)
 
     def forward(self, h: Tensor, inputs: Dict[int, Tensor], x: Tensor, backend) -> Tensor:
         if backend.name == "torch":

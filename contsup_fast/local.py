@@ -19,16 +19,18 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
-from .context import BoundaryContext, ContextSpec, check_gate, check_mean, parse_context
+from .context import BoundaryContext, ContextSpec, ContextTerms, check_gate, check_mean, parse_context
 from .cuda_graphs import GraphedLocalSteps, require_cuda_graphs_support
 from .fused import BACKENDS, resolve_backend
 from . import auglocal
 from .groups import GroupHeads, body_macs, check_width_groups, group_modules, macs_per_group
 from .heads import AUX_CONFIGS, AUX_METHODS, AuxiliaryHead, DGLHead
+from .layouts import Layout, image_layout
 from .losses import (LOSSES, ReconstructionDecoder, denormalize, group_loss, loss_precision,
                      supervised_contrastive_loss)
 from .presets import reconstruction_weights
 from .splitting import SplitPlan, plan_split
+from . import tokens
 
 __all__ = ["LocalSequential", "LocalModule", "LocalOutput", "ContSupInference", "CIFAR10_MEAN",
            "CIFAR10_STD", "REFERENCE_CIFAR_MEAN", "REFERENCE_CIFAR_STD"]
@@ -103,15 +105,20 @@ class LocalSequential(nn.Module):
     """Wrap ``model`` for greedy local learning with context supply (ContSup).
 
     Args:
-        model: an fx-traceable CNN taking (N, C, H, W) and returning logits (N, classes):
-            a CIFAR ResNet from :mod:`contsup_fast.models`, torchvision ResNet/Wide
-            ResNet/ResNeXt/VGG, or an ``nn.Sequential``. Its parameters are shared, not copied.
+        model: an fx-traceable network taking (N, C, H, W) and returning logits (N, classes):
+            a CIFAR ResNet from :mod:`contsup_fast.models`, torchvision CNNs, ViT and Swin, timm
+            ViT/DeiT/Swin, or an ``nn.Sequential``. Its parameters are shared, not copied. The
+            layout crossing each boundary (NCHW, NHWC or tokens) is detected
+            (:mod:`contsup_fast.layouts`) and the context terms, heads and decoders act on it.
         K: number of local modules (``K=1`` is ordinary end-to-end training).
         context: ``"R0"``, ``"E"``, ``"Rn"``, ``"RnE"`` (n from ``n``), or ``"R<k>"``/``"R<k>E"``.
         n: the ``n`` of ``"Rn"``/``"RnE"`` (default 1, so ``"RnE"`` is R1E).
-        aux: auxiliary head, one of ``0c1f 0c2f 1c1f 1c2f 1c3f 2c2f`` (ContSup/InfoPro
-            ``<a>c<b>f``), ``"auglocal"`` (AugLocal, ICLR 2024: copies of later layers,
-            :mod:`contsup_fast.auglocal`) or ``"dgl"`` (DGL "mlp-sr", ICML 2020).
+        aux: auxiliary head: None (default: ``1c2f`` where every boundary carries (N, C, H, W)
+            maps, the token head of :mod:`contsup_fast.tokens` where tokens or (N, H, W, C)
+            maps cross), ``"token"`` (that token head, named), one of ``0c1f 0c2f 1c1f 1c2f 1c3f 2c2f`` (ContSup/InfoPro
+            ``<a>c<b>f``, (N, C, H, W) maps only), ``"auglocal"`` (AugLocal, ICLR 2024: copies
+            of later layers, :mod:`contsup_fast.auglocal`) or ``"dgl"`` (DGL "mlp-sr", ICML
+            2020). Transformers: see ``docs/transformers.md``.
         aux_depth: AugLocal head depth d (layers copied), integer >= 1 (default 2).
         aux_pyramid: AugLocal pyramid coefficient gamma in [0, 1] (default 0.5): depths shrink
             from d at module 0 towards 1; None keeps d for every head.
@@ -165,7 +172,7 @@ class LocalSequential(nn.Module):
     """
 
     def __init__(self, model: nn.Module, K: int = 16, context: str = "RnE", n: Optional[int] = None,
-                 aux: str = "1c2f", loss: str = "ce", reconstruct: bool = False,
+                 aux: Optional[str] = None, loss: str = "ce", reconstruct: bool = False,
                  reconstruct_weights: Optional[Sequence[float]] = None,
                  split: Union[None, str, Sequence[Union[int, str]]] = None, backend: str = "auto",
                  feature_dim: int = 128, input_size: Sequence[int] = (3, 32, 32),
@@ -182,11 +189,12 @@ class LocalSequential(nn.Module):
         if not isinstance(model, nn.Module):
             raise ValueError(f"model must be an nn.Module, got {type(model).__name__}")
         self.spec: ContextSpec = parse_context(context, n)
-        if aux not in AUX_METHODS:
-            raise ValueError(f"aux must be one of {AUX_METHODS}, got {aux!r}")
+        if aux is not None and aux not in AUX_METHODS + ("token",):
+            raise ValueError(f"aux must be one of {AUX_METHODS + ('token',)} or None (the layout's "
+                             f"default), got {aux!r}")
         auglocal.check_options(aux_depth, aux_pyramid)
         G = check_width_groups(width_groups)
-        if G > 1 and aux not in AUX_CONFIGS:
+        if G > 1 and aux is not None and aux not in AUX_CONFIGS:
             raise ValueError(f"width_groups={G} gives each module G heads of an <a>c<b>f configuration "
                              f"{AUX_CONFIGS} (GN-DGL uses 1c2f), got aux={aux!r}")
         if G > 1 and loss != "ce":
@@ -217,6 +225,10 @@ class LocalSequential(nn.Module):
         if len(out_shape) != 2:
             raise ValueError(f"model must return logits of shape (N, classes), it returns shape {out_shape}")
         self.num_classes = out_shape[1]
+        #: the :class:`~contsup_fast.layouts.Layout` of each module output h_j, j < K-1
+        self.layouts = [plan.layout(c) for c in plan.cuts]
+        aux = tokens.resolve_aux(aux, G, self.layouts, type(model).__name__)
+        self.aux = aux
         self.reconstruct_weights = self._reconstruct_weights(model, reconstruct, reconstruct_weights, split)
         self.grouped_blocks = group_modules(plan.pieces, G, type(model).__name__) if G > 1 else None
         self.local_modules = nn.ModuleList(self._build_modules(plan, feature_dim, reconstruct))
@@ -242,15 +254,22 @@ class LocalSequential(nn.Module):
     def _build_modules(self, plan: SplitPlan, feature_dim: int, reconstruct: bool) -> List[LocalModule]:
         K, spec = self.K, self.spec
         out_shapes = [plan.shapes[c][1:] for c in plan.cuts] + [(self.num_classes,)]
-        input_channels = [self.input_size[0]] + [s[0] for s in out_shapes[:-1]]  # channels of a_i
+        a_layouts = [image_layout(self.input_size)] + self.layouts  # layout of each module input a_i
+        input_channels = [lay.channels for lay in a_layouts]  # channels of a_i
         # the network's widest stage, over every candidate boundary, chosen as a cut or not: the
         # reference (networks_dev/auxiliary_nets.py) keeps a head's width only at 64 channels,
         # the widest stage of its CIFAR ResNets, whichever boundaries K happens to cut
-        widest = max((plan.shapes[c][1] for c in plan.candidates if len(plan.shapes[c]) == 4), default=0)
+        nchw = [plan.layouts[c] for c in plan.candidates]
+        widest = max((lay.channels for lay in nchw if isinstance(lay, Layout) and lay.kind == "NCHW"), default=0)
         head_out = self.num_classes if self.loss_name == "ce" else feature_dim
         blocks = _block_names(plan.pieces)
-        head_plans = None
-        if self.aux == "auglocal" and K > 1:
+        head_plans = token_heads = None
+        if self.aux == "auglocal" and K > 1 and any(lay.channels_last for lay in self.layouts):
+            if not all(lay.channels_last for lay in self.layouts):
+                raise ValueError("aux='auglocal' needs every boundary of one kind: this model mixes "
+                                 "(N, C, H, W) maps with tokens or (N, H, W, C) maps")
+            token_heads = tokens.auglocal_heads(plan, self.layouts, self.aux_depth, self.aux_pyramid, head_out)
+        elif self.aux == "auglocal" and K > 1:
             layers = auglocal.finest_layers(plan.gm, plan.candidates, plan.shapes, self.input_size)
             ends = [plan.candidates.index(c) for c in plan.cuts]
             head_plans = auglocal.plan_heads([lay.out_shape for lay in layers], ends, self.aux_depth,
@@ -260,16 +279,34 @@ class LocalSequential(nn.Module):
             context = None
             if j > 0 and (spec.n or spec.image):
                 boundary = j - 1
-                context = BoundaryContext(
-                    out_shapes[boundary][0], self.input_size[0] if spec.image else None,
-                    [(i, input_channels[i]) for i in spec.sources(boundary)],
-                    gate=self.context_gate, gate_init=self.context_gate_init,
-                    mean=self.context_mean == "all" or (self.context_mean == "last" and j == K - 1))
+                mean = self.context_mean == "all" or (self.context_mean == "last" and j == K - 1)
+                sources = spec.sources(boundary)
+                layout = self.layouts[boundary]
+                if layout.channels_last:
+                    context = tokens.TokenContext(
+                        layout, self.input_size[0] if spec.image else None, self.input_size[1:],
+                        [(i, a_layouts[i]) for i in sources], gate=self.context_gate,
+                        gate_init=self.context_gate_init, mean=mean)
+                else:
+                    if any(a_layouts[i].channels_last for i in sources):
+                        raise ValueError(f"context={spec.name!r}: boundary {plan.cuts[boundary]!r} carries "
+                                         f"(N, C, H, W) maps but reads earlier tokens or (N, H, W, C) maps; "
+                                         f"mixed layouts are not supported, use context='R0' or 'E'")
+                    context = BoundaryContext(
+                        layout.channels, self.input_size[0] if spec.image else None,
+                        [(i, input_channels[i]) for i in sources],
+                        gate=self.context_gate, gate_init=self.context_gate_init, mean=mean)
             head = decoder = None
             if j < K - 1:
-                c = out_shapes[j][0]
-                if head_plans is not None:
+                layout = self.layouts[j]
+                c = layout.channels
+                if token_heads is not None:
+                    head = token_heads[j]
+                elif head_plans is not None:
                     head = auglocal.AugLocalHead(head_plans[j], layers, head_out)
+                elif layout.channels_last:
+                    head = (tokens.TokenDGLHead(layout, head_out) if self.aux == "dgl"
+                            else tokens.TokenHead(layout, head_out, feature_dim))
                 elif self.aux == "dgl":
                     head = DGLHead(c, out_shapes[j][1:], head_out)
                 elif self.width_groups > 1:
@@ -277,7 +314,9 @@ class LocalSequential(nn.Module):
                                       feature_dim=feature_dim)
                 else:
                     head = AuxiliaryHead(c, self.aux, head_out, widest=c == widest, feature_dim=feature_dim)
-                decoder = ReconstructionDecoder(c, self.input_size[0]) if reconstruct else None
+                if reconstruct:
+                    decoder = (tokens.TokenDecoder(layout, self.input_size[0], self.input_size[1:])
+                               if layout.channels_last else ReconstructionDecoder(c, self.input_size[0]))
             modules.append(LocalModule(j, plan.pieces[j], context, head, decoder, blocks[j],
                                        tuple(out_shapes[j])))
         return modules
@@ -495,7 +534,9 @@ class LocalSequential(nn.Module):
                 head = (f"{G}x{head}" if G > 1 else head) + ("+decoder" if m.decoder is not None else "")
             params = sum(p.numel() for p in m.parameters())
             blocks = m.blocks[0] if len(m.blocks) == 1 else f"{m.blocks[0]} .. {m.blocks[-1]} ({len(m.blocks)})"
-            row = (str(m.index), blocks, ctx, head, f"{params:,}", "x".join(map(str, m.out_shape)))
+            lay = self.layouts[m.index] if m.index < len(self.layouts) else None
+            kind = f" {lay.kind}" if lay is not None and lay.channels_last else ""  # CNN rows unchanged
+            row = (str(m.index), blocks, ctx, head, f"{params:,}", "x".join(map(str, m.out_shape)) + kind)
             if G > 1:
                 full, grouped = body_macs(m.body, in_shape)
                 row += (f"{full + grouped:,}", f"{macs_per_group(full, grouped, G):,}")
@@ -532,7 +573,7 @@ class ContSupInference(nn.Module):
         inputs: Dict[int, Tensor] = {}
         h = x
         for j, (body, context) in enumerate(zip(self.bodies, self.contexts)):
-            a = x if j == 0 else (context._forward_eager(h, inputs, x) if isinstance(context, BoundaryContext) else h)
+            a = x if j == 0 else (context._forward_eager(h, inputs, x) if isinstance(context, ContextTerms) else h)
             h = body(a)
             if self.keep:
                 inputs[j] = a

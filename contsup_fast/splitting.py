@@ -19,9 +19,18 @@ for backward in that piece's nodes (unique storages per node, measured with save
 hooks during one forward at ``input_size``), i.e. the memory a local step of that piece
 keeps alive. Dynamic programming over the candidate cuts gives the optimal contiguous
 partition.
+
+Transformers (:mod:`contsup_fast.layouts`): a cut may also carry tokens (N, L, D) (a ViT's or
+DeiT's encoder blocks: torchvision ``encoder.layers``, timm ``blocks``) or an (N, H, W, C) map
+(Swin). Such cuts must be a block's output (a module with submodules) with another block after
+it, so every local module holds at least one block. The splitter records each candidate's
+layout in :attr:`SplitPlan.layouts` and refuses a chosen cut whose layout it cannot interpret.
+A forward with extra parameters that all have defaults (timm's ``forward(x, attn_mask=None,
+is_causal=False)``) is traced with the tensor alone, the defaults fixed.
 """
 from __future__ import annotations
 
+import inspect
 import operator
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Sequence, Tuple, Union
@@ -30,6 +39,8 @@ import torch
 import torch.fx as fx
 from torch import nn
 
+from .aux_outputs import keep_main_logits
+from .layouts import DESCEND, Layout, LeafCall, detect_layout, require
 from .presets import cut_to_node_name, preset_cuts
 
 __all__ = ["SplitPlan", "plan_split", "trace", "UnsplittableModelError"]
@@ -47,10 +58,43 @@ class UnsplittableModelError(ValueError):
 
 
 class _BlockTracer(fx.Tracer):
-    """Keeps every module that is not a container (Sequential/ModuleList/ModuleDict) as a leaf."""
+    """Keeps every module that is not a container (Sequential/ModuleList/ModuleDict) as a leaf,
+    except the block holders of :data:`~contsup_fast.layouts.DESCEND` (traced through)."""
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+        if (type(m).__module__, type(m).__name__) in DESCEND:
+            return False
         return not isinstance(m, _CONTAINERS) and qualname != ""
+
+
+_GUARDS = {torch._assert, operator.eq}
+
+
+def _defaults(model: nn.Module) -> Dict[str, object]:
+    """Defaults of the forward's parameters after the first (fixed while tracing)."""
+    try:
+        params = list(inspect.signature(model.forward).parameters.values())
+    except (TypeError, ValueError):
+        return {}
+    kinds = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+    return {p.name: p.default for p in params[1:] if p.kind in kinds and p.default is not p.empty}
+
+
+def _drop_specialised(graph: fx.Graph, names: List[str]) -> None:
+    """Erase the placeholders fx keeps for fixed (concrete) arguments and the guards that only
+    check them (``_assert_is_none``, ``x == default`` and ``torch._assert``)."""
+    from torch.fx._symbolic_trace import _assert_is_none
+    for ph in [n for n in graph.nodes if n.op == "placeholder"][1:]:
+        users, todo = [], list(ph.users)
+        while todo:
+            u = todo.pop()
+            if u.op != "call_function" or u.target not in _GUARDS | {_assert_is_none}:
+                return  # the fixed value is used for computing: leave it for the refusal below
+            users.append(u)
+            todo.extend(u.users)
+        for u in reversed(list(dict.fromkeys(users))):
+            graph.erase_node(u)
+        graph.erase_node(ph)
 
 
 def trace(model: nn.Module) -> fx.GraphModule:
@@ -59,8 +103,10 @@ def trace(model: nn.Module) -> fx.GraphModule:
     Raises:
         UnsplittableModelError: torch.fx cannot trace the model.
     """
+    fixed = _defaults(model)
     try:
-        graph = _BlockTracer().trace(model)
+        graph = _BlockTracer().trace(model, concrete_args=fixed or None)
+        _drop_specialised(graph, list(fixed))
     except Exception as exc:
         raise UnsplittableModelError(
             f"model {type(model).__name__} cannot be split: torch.fx could not trace it "
@@ -70,7 +116,8 @@ def trace(model: nn.Module) -> fx.GraphModule:
     if len(placeholders) != 1:
         raise UnsplittableModelError(
             f"model {type(model).__name__} cannot be split: its forward must take one tensor, "
-            f"it takes {len(placeholders)} inputs ({[p.name for p in placeholders]})")
+            f"it takes {len(placeholders)} inputs ({[p.name for p in placeholders]}); extra inputs need "
+            f"defaults, with which the model is traced")
     return fx.GraphModule(model, graph, class_name=type(model).__name__)
 
 
@@ -86,6 +133,10 @@ class SplitPlan:
         costs: saved-for-backward bytes of every node at the example input (batch 2).
         source: how the cuts were chosen ("paper preset", "paper memory-balanced preset",
             "cost-balanced", "explicit").
+        layouts: the :class:`~contsup_fast.layouts.Layout` of the tensor crossing at every
+            candidate (or the message saying why it cannot be interpreted: such a candidate is
+            refused when chosen).
+        calls: the leaf-module calls of every node at the example input (in call order).
     """
 
     gm: fx.GraphModule
@@ -95,15 +146,35 @@ class SplitPlan:
     costs: Dict[str, int]
     source: str
     pieces: List[fx.GraphModule] = field(default_factory=list)
+    layouts: Dict[str, Union[Layout, str]] = field(default_factory=dict)
+    calls: Dict[str, List[LeafCall]] = field(default_factory=dict)
+
+    def layout(self, cut: str) -> Layout:
+        """The layout at chosen cut ``cut``. Raises: ValueError (LayoutError) when it cannot be interpreted."""
+        return require(self.layouts[cut])
 
 
 def _node_label(gm: fx.GraphModule, node: fx.Node) -> str:
     return str(node.target) if node.op == "call_module" else node.name
 
 
-def _propagate_shapes(gm: fx.GraphModule, input_size: Sequence[int]) -> Tuple[Dict[str, tuple], Dict[str, int]]:
+def _shape(t) -> Optional[Tuple[int, ...]]:
+    return tuple(t.shape) if isinstance(t, torch.Tensor) else None
+
+
+def _propagate_shapes(gm: fx.GraphModule, input_size: Sequence[int],
+                      calls: Optional[Dict[str, List[LeafCall]]] = None) -> Tuple[Dict[str, tuple], Dict[str, int]]:
+    """Output shape and saved bytes of every node at one example forward (batch 2); fills
+    ``calls`` (when given) with every node's leaf-module calls."""
     shapes: Dict[str, tuple] = {}
     costs: Dict[str, int] = {}
+    calls = {} if calls is None else calls
+    running: List[List[LeafCall]] = [[]]
+
+    def record(m, args, out):
+        running[0].append(LeafCall(m, _shape(args[0]) if args else None, _shape(out)))
+
+    hooks = [m.register_forward_hook(record) for m in gm.modules() if not any(True for _ in m.children())]
     param = next(iter(gm.parameters()), None)
     device = param.device if param is not None else torch.device("cpu")
     dtype = param.dtype if param is not None and param.is_floating_point() else torch.float32
@@ -122,6 +193,7 @@ def _propagate_shapes(gm: fx.GraphModule, input_size: Sequence[int]) -> Tuple[Di
         def run_node(self, n):
             current.clear()
             current[n.name] = {}
+            running[0] = calls[n.name] = []
             out = super().run_node(n)
             saved = current.pop(n.name)
             if isinstance(out, torch.Tensor):
@@ -139,27 +211,43 @@ def _propagate_shapes(gm: fx.GraphModule, input_size: Sequence[int]) -> Tuple[Di
             f"({type(exc).__name__}: {exc}); pass input_size=(C, H, W) matching the model") from exc
     finally:
         gm.train(was_training)
+        for h in hooks:
+            h.remove()
     return shapes, costs
 
 
-def _cut_candidates(gm: fx.GraphModule, shapes: Dict[str, tuple]) -> List[fx.Node]:
+def _cut_candidates(gm: fx.GraphModule, shapes: Dict[str, tuple],
+                    calls: Optional[Dict[str, List[LeafCall]]] = None, model: Optional[nn.Module] = None,
+                    layouts: Optional[Dict[str, Union[Layout, str]]] = None) -> List[fx.Node]:
+    """Cut points (module docstring). With ``calls`` (leaf calls per node), also detects each
+    candidate's layout into ``layouts`` and keeps a channels-last (NHWC or token) candidate
+    only where it is a block's output with another block after it."""
     nodes = list(gm.graph.nodes)
     index = {n: i for i, n in enumerate(nodes)}
     last_use = {n: max((index[u] for u in n.users), default=index[n]) for n in nodes}
     modules = dict(gm.named_modules())
 
-    def spatial_module(n: fx.Node) -> bool:
-        if n.op != "call_module" or len(shapes.get(n.name, ())) != 4:
-            return False
-        return any(True for _ in modules[n.target].parameters())
+    def has_params(n: fx.Node) -> bool:
+        return n.op == "call_module" and any(True for _ in modules[n.target].parameters())
 
-    first_spatial = next((i for i, n in enumerate(nodes) if spatial_module(n)), None)
-    last_spatial = max((i for i, n in enumerate(nodes) if spatial_module(n)), default=None)
+    def is_block(n: fx.Node) -> bool:
+        return has_params(n) and any(True for _ in modules[n.target].children())
+
+    def spatial_module(n: fx.Node, dims=(4,)) -> bool:
+        return len(shapes.get(n.name, ())) in dims and has_params(n)
+
+    feature = (3, 4) if calls is not None else (4,)
+    first_spatial = next((i for i, n in enumerate(nodes) if spatial_module(n, feature)), None)
+    last_spatial = max((i for i, n in enumerate(nodes) if spatial_module(n, feature)), default=None)
+    last_block = max((i for i, n in enumerate(nodes) if is_block(n) and len(shapes.get(n.name, ())) in feature),
+                     default=-1)
     if first_spatial is None:
         return []
+    flat = [c for n in nodes for c in (calls or {}).get(n.name, [])]
     out: List[fx.Node] = []
     for i, n in enumerate(nodes):
-        if not (first_spatial <= i < last_spatial) or len(shapes.get(n.name, ())) != 4:
+        dims = len(shapes.get(n.name, ()))
+        if not (first_spatial <= i < last_spatial) or dims not in feature:
             continue
         if n.op == "call_module":
             m = modules[n.target]
@@ -168,8 +256,18 @@ def _cut_candidates(gm: fx.GraphModule, shapes: Dict[str, tuple]) -> List[fx.Nod
         elif not (n.op == "call_function" and n.target in _ACT_FUNCTIONS):
             continue
         crossing = [p for p in nodes[: i + 1] if p.op != "get_attr" and last_use[p] > i]
-        if crossing == [n]:
-            out.append(n)
+        if crossing != [n]:
+            continue
+        if calls is not None:
+            before = sum(len(calls.get(p.name, [])) for p in nodes[: i + 1])
+            layout = detect_layout(model if model is not None else gm, _node_label(gm, n), shapes[n.name],
+                                   flat[before:], flat[:before], flat)
+            channels_last = not isinstance(layout, Layout) or layout.kind != "NCHW"
+            if dims == 3 or (isinstance(layout, Layout) and channels_last):
+                if not (is_block(n) and i < last_block):
+                    continue
+            layouts[n.name] = layout
+        out.append(n)
     return out
 
 
@@ -245,14 +343,18 @@ def plan_split(model: nn.Module, K: int, split: Union[None, str, Sequence[Union[
         A :class:`SplitPlan` whose ``pieces`` are K GraphModules sharing ``model``'s parameters.
 
     Raises:
-        ValueError: K < 1, K larger than the number of cut points + 1, or a bad ``split``.
+        ValueError: K < 1, K larger than the number of cut points + 1, or a bad ``split``;
+            :class:`~contsup_fast.layouts.LayoutError` for a chosen cut whose layout cannot be
+            interpreted (naming the model, the cut and the shape).
         UnsplittableModelError: the model cannot be traced or has no cut point when K > 1.
     """
     if not isinstance(K, int) or isinstance(K, bool) or K < 1:
         raise ValueError(f"K must be an integer >= 1, got {K!r}")
-    gm = trace(model)
-    shapes, costs = _propagate_shapes(gm, input_size)
-    cand_nodes = _cut_candidates(gm, shapes)
+    gm = keep_main_logits(trace(model), type(model).__name__)
+    calls: Dict[str, List[LeafCall]] = {}
+    shapes, costs = _propagate_shapes(gm, input_size, calls)
+    layouts: Dict[str, Union[Layout, str]] = {}
+    cand_nodes = _cut_candidates(gm, shapes, calls, model, layouts)
     candidates = [n.name for n in cand_nodes]
     labels = {n.name: _node_label(gm, n) for n in cand_nodes}
     if K - 1 > len(candidates):
@@ -260,6 +362,8 @@ def plan_split(model: nn.Module, K: int, split: Union[None, str, Sequence[Union[
             f"K={K} is larger than the number of splittable blocks: {type(model).__name__} has "
             f"{len(candidates)} single-tensor cut points, so K must be between 1 and {len(candidates) + 1}")
     order = [n.name for n in gm.graph.nodes]
+    # automatic choices only among cuts whose layout is understood (an explicit one is refused)
+    usable = [c for c in candidates if isinstance(layouts[c], Layout)]
     arch = getattr(model, "arch", None)
     source = "explicit"
     if split is None or split == "balanced":
@@ -269,7 +373,10 @@ def plan_split(model: nn.Module, K: int, split: Union[None, str, Sequence[Union[
             cuts = [by_label[cut_to_node_name(c)] for c in preset]
             source = "paper memory-balanced preset" if split == "balanced" else "paper preset"
         else:
-            cuts = _balanced_cuts(order, costs, candidates, K) if K > 1 else []
+            if K - 1 > len(usable):
+                plan_layouts = {c: layouts[c] for c in candidates}
+                require(next(v for v in plan_layouts.values() if not isinstance(v, Layout)))
+            cuts = _balanced_cuts(order, costs, usable, K) if K > 1 else []
             source = "cost-balanced"
     elif isinstance(split, str):
         raise ValueError(f"split must be None, 'balanced' or a list of cut points, got {split!r}")
@@ -288,7 +395,10 @@ def plan_split(model: nn.Module, K: int, split: Union[None, str, Sequence[Union[
         if len(set(cuts)) != len(cuts) or len(cuts) != K - 1:
             raise ValueError(f"split must name K-1={K - 1} distinct cut points, got {list(split)!r}")
         cuts = sorted(cuts, key=order.index)
-    plan = SplitPlan(gm=gm, candidates=candidates, cuts=cuts, shapes=shapes, costs=costs, source=source)
+    plan = SplitPlan(gm=gm, candidates=candidates, cuts=cuts, shapes=shapes, costs=costs, source=source,
+                     layouts={c: layouts[c] for c in candidates}, calls=calls)
+    for c in cuts:
+        plan.layout(c)  # refuses a cut whose layout cannot be interpreted
     plan.pieces = _make_pieces(gm, cuts)
     return plan
 

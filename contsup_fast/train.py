@@ -42,7 +42,7 @@ from .checkpoint import (CHECKPOINT_NAME, atomic_write_json, get_rng_state, load
 
 __all__ = ["build_parser", "main", "run", "RESULT_ARGS", "NonFiniteLossError"]
 
-AUX_CHOICES = ("0c1f", "0c2f", "1c1f", "1c2f", "1c3f", "2c2f", "auglocal", "dgl")
+AUX_CHOICES = ("0c1f", "0c2f", "1c1f", "1c2f", "1c3f", "2c2f", "auglocal", "dgl", "token")
 CIFAR_RESNETS = ("resnet20", "resnet32", "resnet44", "resnet56", "resnet110")
 
 #: arguments that change the trained parameters: on --resume they come from the checkpoint,
@@ -137,7 +137,7 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("model")
     g.add_argument("--model", default="resnet32",
                    help=f"CIFAR ResNet ({'/'.join(CIFAR_RESNETS)}) or a torchvision "
-                        f"classification model name (resnet18, vgg11_bn, ...)")
+                        f"classification model name (resnet18, vgg11_bn, ...) or timm:<name>")
     g.add_argument("--K", type=_positive_int, default=16, help="number of local modules")
     g.add_argument("--context", default="RnE",
                    help="context supply: R0 (none), E, Rn, RnE (n from --n) or R<k>, R<k>E")
@@ -145,7 +145,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="residual context depth for Rn/RnE (default 1)")
     g.add_argument("--aux", default="1c2f", choices=AUX_CHOICES,
                    help="auxiliary head: <convs>c<fc layers>f, auglocal (AugLocal: copies of later "
-                        "layers) or dgl (DGL mlp-sr)")
+                        "layers), dgl (DGL mlp-sr) or token (ViT/Swin: class token or mean -> LN -> MLP)")
     g.add_argument("--aux-depth", type=_positive_int, default=2,
                    help="AugLocal head depth d (layers copied into each head)")
     g.add_argument("--aux-pyramid", type=_pyramid_arg, default=0.5,
