@@ -64,7 +64,8 @@ def run(norm: Optional[str], scale: float, seed: int, data, epochs: int, batch: 
             last.append(float(out.loss))
     local.eval()
     with torch.no_grad():
-        correct = sum(int((local(xte[i:i + 500]).argmax(1) == yte[i:i + 500]).sum()) for i in range(0, len(xte), 500))
+        correct = sum(int((local(xte[i:i + 500]).argmax(1) == yte[i:i + 500]).sum())
+                      for i in range(0, len(xte), 500))
     return {"norm": norm, "scale": scale if norm else None, "seed": seed, "test_acc": correct / len(xte),
             "last_loss": float(np.mean(last)), "seconds": time.time() - start}
 
@@ -95,8 +96,9 @@ def main(argv: Optional[List[str]] = None) -> List[dict]:
         for seed in args.seeds:
             r = run(norm, scale, seed, data, args.epochs, args.batch, args.lr)
             rows.append(r)
-            print(f"{'R0' if norm is None else f'R1E {norm} scale={scale}':<24} seed {seed}: "
-                  f"test {r['test_acc']:.2%}  last-module loss {r['last_loss']:.3f}  ({r['seconds']:.0f} s)", flush=True)
+            label = "R0" if norm is None else f"R1E {norm} scale={scale}"
+            print(f"{label:<24} seed {seed}: test {r['test_acc']:.2%}  last-module loss "
+                  f"{r['last_loss']:.3f}  ({r['seconds']:.0f} s)", flush=True)
     if args.json:
         meta = {"torch": torch.__version__, "machine": platform.machine(), "processor": platform.processor(),
                 "threads": args.threads, "settings": vars(args)}

@@ -11,7 +11,7 @@ from torchvision.models import SwinTransformer, VisionTransformer, convnext_tiny
 from contsup_fast import LocalSequential
 from contsup_fast.layouts import Layout
 from contsup_fast.splitting import plan_split
-from contsup_fast.tokens import PatchEmbedEncoder, TokenContext, TokenHead, patch_size
+from contsup_fast.tokens import ChannelNorm, PatchEmbedEncoder, TokenContext, TokenHead, patch_size
 
 from _isolation import assert_isolated
 
@@ -134,7 +134,7 @@ def test_swin_t_widths_96_to_768():
 def test_token_context_matches_formula_and_prefix_rule():
     torch.manual_seed(0)
     lay = Layout("tokens", (17, 8), 1, (4, 4))
-    ctx = TokenContext(lay, 3, (16, 16), [(1, lay)], mean=True).train()
+    ctx = TokenContext(lay, 3, (16, 16), [(1, lay)], norm="layer", scale=1.0, mean=True).train()
     h, a1, x = torch.randn(2, 17, 8), torch.randn(2, 17, 8), torch.randn(2, 3, 16, 16)
     out = ctx(h, {1: a1}, x, backend=None)
     e = ctx.image
@@ -144,6 +144,17 @@ def test_token_context_matches_formula_and_prefix_rule():
     expected = h + rt
     expected[:, 1:] += patches  # E feeds the patch tokens; the class token receives nothing from E
     torch.testing.assert_close(out, expected / 3)
+
+
+def test_norm_options_act_over_channels_with_initial_scale():
+    z = torch.randn(2, 5, 8) * 3 + 1
+    bn = ChannelNorm("batch", 8, 0.5).train()
+    ref = F.batch_norm(z.reshape(-1, 8), None, None, torch.full((8,), 0.5), torch.zeros(8), True)
+    torch.testing.assert_close(bn(z), ref.reshape(2, 5, 8))
+    ln = ChannelNorm("layer", 8, 0.5)
+    torch.testing.assert_close(ln(z), 0.5 * F.layer_norm(z, (8,)))
+    with pytest.raises(ValueError, match="norm must be one of"):
+        ChannelNorm("group", 8)
 
 
 def test_learned_gate_scales_token_terms():
