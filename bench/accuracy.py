@@ -22,7 +22,11 @@ Presets: ``cpu`` (the 2-core CPU machine, resumable across sessions: ResNet-32, 
 2 seeds; rows E2E, R0, R1E in the paper's form, R1E with the learned gate, R1E with the default
 context mean "last", R1E with the mean at every boundary, R1E and R0 with supervised
 contrastive local losses, R1E and R0 with DGL's auxiliary heads, and R1E and R0 with
-InfoPro's reconstruction loss, the reference's ``--h_reconstruct`` "decoder" rows), ``gpu``
+InfoPro's reconstruction loss, the reference's ``--h_reconstruct`` "decoder" rows), ``cpu-k``
+(accuracy against K: the same protocol at K = 2, 4, 8, 16 for R0 and R1E with the default
+options, plus E2E; the E2E and K=16 rows are read from ``accuracy_cpu.json``, checked to have
+the same training arguments, not trained again; ``accuracy_cpu_k.png`` is final accuracy
+against K, the epoch curves go to ``accuracy_cpu_k_epochs.png``), ``gpu``
 (the paper's recipe: full data, 160 epochs, batch 1024, lr 0.8, 10 warm-up epochs, bf16,
 channels_last; ``--epochs`` to fit a lease, the same for every row) and ``smoke`` (seconds,
 for the tests).
@@ -48,7 +52,7 @@ import torch
 
 from .common import RESULTS, environment, format_table, write_json
 
-__all__ = ["Protocol", "PRESETS", "run_protocol", "summarize", "main"]
+__all__ = ["Protocol", "PRESETS", "reused_logs", "run_protocol", "summarize", "main"]
 
 
 @dataclass
@@ -67,6 +71,20 @@ class Protocol:
     warmup_epochs: float
     eval_every: int = 1
     extra: List[str] = field(default_factory=list)
+    #: rows taken from another preset's committed results instead of being trained again:
+    #: ``{row: "<preset>:<row there>"}``; :func:`reused_logs` checks that the two runs have the
+    #: same training arguments (every :data:`contsup_fast.train.RESULT_ARGS` entry)
+    reuse: Dict[str, str] = field(default_factory=dict)
+
+    def k_of(self, variant: str) -> int:
+        """The K a row trains with (its own ``--K`` if it has one, else the protocol's)."""
+        opts = self.variants[variant]
+        ks = [opts[i + 1] for i, o in enumerate(opts[:-1]) if o == "--K"]
+        return int(ks[-1]) if ks else self.K
+
+    def sweeps_k(self) -> bool:
+        """True when the rows train at more than one K besides E2E's K=1."""
+        return len({self.k_of(v) for v in self.variants} - {1}) > 1
 
     def argv(self, variant: str, seed: int, data_dir: str, out: str, threads: Optional[int]) -> List[str]:
         """Training-CLI arguments of one run (the variant's options come last and win)."""
@@ -96,6 +114,8 @@ def _r1e(gate: str = "none", mean: str = "none", *extra: str) -> List[str]:
     return ["--context", "R1E", "--context-gate", gate, "--context-mean", mean, *extra]
 
 
+CPU_K_VALUES = (2, 4, 8, 16)
+
 PRESETS: Dict[str, Protocol] = {
     "cpu": Protocol(
         name="cpu", model="resnet32", K=16, epochs=12, subset=10000, seeds=[0, 1],
@@ -111,6 +131,17 @@ PRESETS: Dict[str, Protocol] = {
                   "R0 dgl": _r0("--aux", "dgl"),
                   "R1E decoder": _r1e("none", "last", "--reconstruct"),
                   "R0 decoder": _r0("--reconstruct")}),
+    # accuracy against K (the paper's Tables 1-2 at CPU scale): the cpu protocol at K = 2..16,
+    # R0 and R1E with the default options; E2E and the K=16 rows are the cpu preset's runs.
+    # Without context terms the context mean changes nothing; E2E and R0 name "none", the
+    # value those runs were trained with, so that reused_logs finds them identical
+    "cpu-k": Protocol(
+        name="cpu_k", model="resnet32", K=16, epochs=12, subset=10000, seeds=[0, 1],
+        batch_size=128, lr=0.1, warmup_epochs=3, eval_every=3,
+        variants={"E2E": [*_E2E, "--context-mean", "none"],
+                  **{f"R0 K={k}": ["--K", str(k), *_r0("--context-mean", "none")] for k in CPU_K_VALUES},
+                  **{f"R1E K={k}": ["--K", str(k), *_r1e(mean="last")] for k in CPU_K_VALUES}},
+        reuse={"E2E": "cpu:E2E", "R0 K=16": "cpu:R0", "R1E K=16": "cpu:R1E mean-last"}),
     "gpu": Protocol(
         name="gpu", model="resnet32", K=16, epochs=160, subset=None, seeds=[0],
         batch_size=1024, lr=0.8, warmup_epochs=10, eval_every=5,
@@ -137,6 +168,39 @@ def _load_log(run_dir: Path) -> Optional[dict]:
             return json.load(f)
     except (OSError, ValueError):
         return None
+
+
+def reused_logs(p: Protocol, results_dir: Path) -> Dict[str, Dict[int, dict]]:
+    """The logs of ``p``'s reused rows, read from the committed ``accuracy_<preset>.json`` in
+    ``results_dir``: ``{row: {seed: log.json contents}}``.
+
+    Raises:
+        ValueError: a reused run is missing or unfinished there, or was trained with other
+            training arguments than the row would be (names every differing argument).
+    """
+    from contsup_fast.train import OPTION_ABSENT_MEANS, RESULT_ARGS, build_parser
+    parser = build_parser()
+    out: Dict[str, Dict[int, dict]] = {}
+    for row, source in p.reuse.items():
+        if row not in p.variants:
+            continue
+        preset, _, there = source.partition(":")
+        path = results_dir / f"accuracy_{PRESETS[preset].name}.json"
+        with open(path) as f:
+            runs = json.load(f)["runs"].get(there, {})
+        out[row] = {}
+        for seed in p.seeds:
+            log_ = runs.get(str(seed))
+            if not log_ or "final" not in log_:
+                raise ValueError(f"row {row!r} reuses {source!r} seed {seed}, which {path} has not finished")
+            ours = vars(parser.parse_args(p.argv(row, seed, "data", "out", None)))
+            theirs = {**OPTION_ABSENT_MEANS, **log_["args"]}
+            diff = [f"{k}: {ours.get(k)!r} here, {theirs.get(k)!r} there" for k in RESULT_ARGS
+                    if ours.get(k) != theirs.get(k)]
+            if diff:
+                raise ValueError(f"row {row!r} cannot reuse {source!r} seed {seed}: " + "; ".join(diff))
+            out[row][seed] = log_
+    return out
 
 
 def run_protocol(p: Protocol, data_dir: str, runs_root: Path, jobs: int = 1,
@@ -284,7 +348,8 @@ def plot(p: Protocol, logs: Dict[str, Dict[int, dict]], summary: Dict[str, dict]
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    paths.append(out_dir / f"accuracy_{p.name}.png")
+    # a K sweep's accuracy_<preset>.png is the plot against K (plot_against_k)
+    paths.append(out_dir / (f"accuracy_{p.name}_epochs.png" if p.sweeps_k() else f"accuracy_{p.name}.png"))
     fig.savefig(paths[-1], dpi=110)
     plt.close(fig)
 
@@ -307,6 +372,50 @@ def plot(p: Protocol, logs: Dict[str, Dict[int, dict]], summary: Dict[str, dict]
     fig.savefig(paths[-1], dpi=110)
     plt.close(fig)
     return paths
+
+
+def plot_against_k(p: Protocol, summary: Dict[str, dict], out_dir: Path) -> Optional[Path]:
+    """``accuracy_<preset>.png`` for a protocol whose rows sweep K: final test accuracy against K
+    (log2 axis), one line per method (the row name before " K=", mean over seeds) with a band
+    from the lowest to the highest seed, and each K=1 row (E2E) as a horizontal line. Only
+    rows with a finished seed are drawn; None when no method has two K values yet."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    lines: Dict[str, Dict[int, List[float]]] = {}
+    flat: Dict[str, List[float]] = {}
+    for variant, s in summary.items():
+        finals = s["test_acc"].get(max(s["test_acc"]), {}).get("seeds", []) if s["test_acc"] else []
+        if not finals or not s["seeds_finished"]:
+            continue
+        if p.k_of(variant) == 1:
+            flat[variant] = finals
+        else:
+            lines.setdefault(variant.split(" K=")[0], {})[p.k_of(variant)] = finals
+    if not lines or all(len(ks) < 2 for ks in lines.values()):
+        return None
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for method, by_k in lines.items():
+        ks = sorted(by_k)
+        ax.plot(ks, [statistics.fmean(by_k[k]) for k in ks], marker="o", label=method)
+        ax.fill_between(ks, [min(by_k[k]) for k in ks], [max(by_k[k]) for k in ks], alpha=0.2)
+    for name, finals in flat.items():
+        ax.axhline(statistics.fmean(finals), color="k", linestyle="--", label=f"{name} (K=1)")
+    ax.set_xscale("log", base=2)
+    all_k = sorted({k for by_k in lines.values() for k in by_k})
+    ax.set_xticks(all_k, [str(k) for k in all_k])
+    ax.set_xlabel("K (local modules)")
+    ax.set_ylabel(f"test accuracy after {p.epochs} epochs (%)")
+    ax.set_title(f"{p.model}, {p.subset or 'all'} train images, {p.epochs} epochs, seeds {p.seeds} "
+                 f"(band: lowest to highest)\n(JPEG-lossy CIFAR-10 copy: not official numbers)", fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    path = out_dir / f"accuracy_{p.name}.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
 
 
 def run_table(logs: Dict[str, Dict[int, dict]]) -> str:
@@ -389,17 +498,23 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
         except FileNotFoundError as exc:
             raise SystemExit(f"--data-dir: {exc}")
     t0 = time.time()
+    try:
+        reused = reused_logs(p, RESULTS)
+    except (OSError, ValueError) as exc:
+        raise SystemExit(f"bench.accuracy: {exc}")
+    trained = replace(p, variants={v: o for v, o in p.variants.items() if v not in reused})
     if args.report_only:
-        logs = {v: {s: _load_log(_run_dir(runs_root, v, s)) for s in p.seeds} for v in p.variants}
+        logs = {v: {s: _load_log(_run_dir(runs_root, v, s)) for s in p.seeds} for v in trained.variants}
     else:
         try:
             with _TerminateAsInterrupt():
-                logs = run_protocol(p, str(data_dir), runs_root, jobs=args.jobs, threads=args.threads)
+                logs = run_protocol(trained, str(data_dir), runs_root, jobs=args.jobs, threads=args.threads)
         except RuntimeError as exc:
             raise SystemExit(f"bench.accuracy: {exc}")
         except KeyboardInterrupt:
             raise SystemExit(f"bench.accuracy: interrupted; runs are checkpointed under {runs_root}, "
                              f"run the same command again to continue")
+    logs = {v: reused[v] if v in reused else logs[v] for v in p.variants}
     summary = summarize(p, logs)
     print(table(summary))
     print(run_table(logs))
@@ -408,6 +523,9 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
                "runs": {v: {str(s): l for s, l in by_seed.items()} for v, by_seed in logs.items()}}
     path = write_json(f"accuracy_{p.name}", payload, out_dir)
     pngs = plot(p, logs, summary, out_dir)
+    if p.sweeps_k():
+        against_k = plot_against_k(p, summary, out_dir)
+        pngs = ([against_k] if against_k else []) + pngs
     print(f"wrote {path} and {', '.join(str(x) for x in pngs)}")
     return payload
 

@@ -25,14 +25,22 @@ from .fused import BACKENDS, resolve_backend
 from . import auglocal
 from .groups import GroupHeads, body_macs, check_width_groups, group_modules, macs_per_group
 from .heads import AUX_CONFIGS, AUX_METHODS, AuxiliaryHead, DGLHead
-from .losses import LOSSES, ReconstructionDecoder, denormalize, group_loss, supervised_contrastive_loss
-from .presets import RECONSTRUCTION_WEIGHTS
+from .losses import (LOSSES, ReconstructionDecoder, denormalize, group_loss, loss_precision,
+                     supervised_contrastive_loss)
+from .presets import reconstruction_weights
 from .splitting import SplitPlan, plan_split
 
-__all__ = ["LocalSequential", "LocalModule", "LocalOutput", "ContSupInference"]
+__all__ = ["LocalSequential", "LocalModule", "LocalOutput", "ContSupInference", "CIFAR10_MEAN",
+           "CIFAR10_STD", "REFERENCE_CIFAR_MEAN", "REFERENCE_CIFAR_STD"]
 
+#: CIFAR-10 training-set statistics in [0, 1] units (this project's default normalisation).
 CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR10_STD = (0.2470, 0.2435, 0.2616)
+#: the ContSup reference's CIFAR normalisation (github.com/Tab-ct/ContSup, ``train.py``:
+#: ``(125.3, 123.0, 113.9) / 255`` and ``(63.0, 62.1, 66.7) / 255``); pass them as
+#: ``image_mean``/``image_std`` (CLI ``--normalization reference``) to train as the authors do.
+REFERENCE_CIFAR_MEAN = (125.3 / 255, 123.0 / 255, 113.9 / 255)
+REFERENCE_CIFAR_STD = (63.0 / 255, 62.1 / 255, 66.7 / 255)
 
 
 @dataclass
@@ -114,13 +122,20 @@ class LocalSequential(nn.Module):
         loss: local loss of modules 0..K-2, ``"ce"`` or ``"supcon"`` (temperature 0.07).
         reconstruct: add the InfoPro reconstruction loss to modules 0..K-2.
         reconstruct_weights: ``(recon_first, cls_first, recon_last, cls_last)``, interpolated
-            linearly over modules 0..K-2; default: the paper's table, else (1, 1, 1, 1).
+            linearly over modules 0..K-2; default: the reference's table for the split
+            (:func:`~contsup_fast.presets.reconstruction_weights`: its memory-balance table with
+            ``split="balanced"``), else (1, 1, 1, 1).
         split: None (paper preset, else balanced), ``"balanced"``, or explicit cut points.
         backend: ``"auto"``, ``"torch"``, ``"triton"`` or ``"native"`` for the boundary ops.
-        feature_dim: hidden width of the auxiliary MLP and the contrastive embedding size.
+        feature_dim: hidden width of the auxiliary MLP and the contrastive embedding size, an
+            integer >= 1.
         input_size: (C, H, W) of one example (used once to measure shapes).
         image_mean, image_std: the input normalisation, used to de-normalise the image for
-            the reconstruction loss.
+            the reconstruction loss. Default: the CIFAR-10 statistics (:data:`CIFAR10_MEAN`,
+            :data:`CIFAR10_STD`); the ContSup reference normalises with slightly different
+            constants (:data:`REFERENCE_CIFAR_MEAN`, :data:`REFERENCE_CIFAR_STD`). Each side
+            de-normalises with its own constants, so either is self-consistent; pass the
+            reference's to reproduce its runs exactly.
         context_gate: None (default, no gate: ``g = 1``; with ``context_mean=None`` the paper's
             exact form ``a = h + sum_t T_t``), ``"ramp"``
             (every term scaled by ``g = min(1, t / context_gate_steps)``, t the training steps
@@ -144,7 +159,7 @@ class LocalSequential(nn.Module):
 
     Raises:
         ValueError: bad K, context, n, aux, aux_depth, aux_pyramid, width_groups, loss, split,
-            backend, context gate, context mean or cuda_graphs (the message names the option and
+            backend, feature_dim, context gate, context mean or cuda_graphs (the message names the option and
             says what is allowed); :class:`~contsup_fast.splitting.UnsplittableModelError` for a model that
             cannot be traced or cut. RuntimeError: ``cuda_graphs=True`` without a CUDA GPU.
     """
@@ -189,6 +204,9 @@ class LocalSequential(nn.Module):
         self.context_mean = context_mean
         if len(input_size) != 3:
             raise ValueError(f"input_size must be (C, H, W), got {tuple(input_size)!r}")
+        if isinstance(feature_dim, bool) or not isinstance(feature_dim, int) or feature_dim < 1:
+            raise ValueError(f"feature_dim must be an integer >= 1 (the auxiliary MLP's hidden width), "
+                             f"got {feature_dim!r}")
         self.K, self.aux, self.loss_name, self.backend_name = K, aux, loss, backend
         self.input_size = tuple(int(s) for s in input_size)
         self.image_mean, self.image_std = tuple(image_mean), tuple(image_std)
@@ -199,7 +217,7 @@ class LocalSequential(nn.Module):
         if len(out_shape) != 2:
             raise ValueError(f"model must return logits of shape (N, classes), it returns shape {out_shape}")
         self.num_classes = out_shape[1]
-        self.reconstruct_weights = self._reconstruct_weights(model, reconstruct, reconstruct_weights)
+        self.reconstruct_weights = self._reconstruct_weights(model, reconstruct, reconstruct_weights, split)
         self.grouped_blocks = group_modules(plan.pieces, G, type(model).__name__) if G > 1 else None
         self.local_modules = nn.ModuleList(self._build_modules(plan, feature_dim, reconstruct))
         if context_gate == "ramp":
@@ -210,11 +228,12 @@ class LocalSequential(nn.Module):
         self._module_step_hooks: Dict[int, Callable[[LocalModule], None]] = OrderedDict()
 
     # ------------------------------------------------------------------ construction
-    def _reconstruct_weights(self, model, reconstruct, weights) -> Optional[Tuple[float, ...]]:
+    def _reconstruct_weights(self, model, reconstruct, weights, split) -> Optional[Tuple[float, ...]]:
         if not reconstruct:
             return None
         if weights is None:
-            weights = RECONSTRUCTION_WEIGHTS.get(getattr(model, "arch", ""), {}).get(self.K, (1.0, 1.0, 1.0, 1.0))
+            weights = reconstruction_weights(getattr(model, "arch", None), self.K,
+                                             balanced=split == "balanced") or (1.0, 1.0, 1.0, 1.0)
         if len(weights) != 4:
             raise ValueError(f"reconstruct_weights must be (recon_first, cls_first, recon_last, cls_last), "
                              f"got {tuple(weights)!r}")
@@ -224,7 +243,10 @@ class LocalSequential(nn.Module):
         K, spec = self.K, self.spec
         out_shapes = [plan.shapes[c][1:] for c in plan.cuts] + [(self.num_classes,)]
         input_channels = [self.input_size[0]] + [s[0] for s in out_shapes[:-1]]  # channels of a_i
-        widest = max((s[0] for s in out_shapes[:-1]), default=0)
+        # the network's widest stage, over every candidate boundary, chosen as a cut or not: the
+        # reference (networks_dev/auxiliary_nets.py) keeps a head's width only at 64 channels,
+        # the widest stage of its CIFAR ResNets, whichever boundaries K happens to cut
+        widest = max((plan.shapes[c][1] for c in plan.candidates if len(plan.shapes[c]) == 4), default=0)
         head_out = self.num_classes if self.loss_name == "ce" else feature_dim
         blocks = _block_names(plan.pieces)
         head_plans = None
@@ -313,6 +335,14 @@ class LocalSequential(nn.Module):
                                  f"indices, got {got}")
             if y.device != x.device:
                 raise ValueError(f"y is on {y.device} but x is on {x.device}")
+            if y.numel():
+                # one host synchronisation per call: cross-entropy would otherwise raise a bare
+                # IndexError on CPU, or a device-side assert that poisons the CUDA context
+                lo, hi = torch.aminmax(y)
+                lo, hi = int(lo), int(hi)
+                if lo < 0 or hi >= self.num_classes:
+                    raise ValueError(f"y must hold class indices in [0, {self.num_classes}) (the model has "
+                                     f"{self.num_classes} classes), got labels from {lo} to {hi}")
 
     def forward(self, x: Tensor, y: Optional[Tensor] = None, scaler=None):
         """Training step or inference.
@@ -353,12 +383,12 @@ class LocalSequential(nn.Module):
 
     def _local_loss(self, m: LocalModule, out: Tensor, y: Tensor, x: Tensor, backend) -> Tensor:
         if m.head is None:
-            return F.cross_entropy(out.float(), y)
+            return F.cross_entropy(loss_precision(out), y)
         feats = m.head(out, backend)
         if isinstance(m.head, GroupHeads):
             loss = group_loss(feats, y)
         elif self.loss_name == "ce":
-            loss = F.cross_entropy(feats.float(), y)
+            loss = F.cross_entropy(loss_precision(feats), y)
         else:
             loss = supervised_contrastive_loss(feats, y)
         if m.decoder is None:

@@ -8,10 +8,17 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["LOSSES", "supervised_contrastive_loss", "ReconstructionDecoder", "group_diversity",
-           "group_loss"]
+__all__ = ["LOSSES", "loss_precision", "supervised_contrastive_loss", "ReconstructionDecoder",
+           "group_diversity", "group_loss"]
 
 LOSSES = ("ce", "supcon")
+
+
+def loss_precision(t: Tensor) -> Tensor:
+    """``t`` in the precision a loss is computed in: half precision (fp16, bf16, as autocast
+    produces) is upcast to float32; float32 and float64 are returned unchanged, so a float64
+    run keeps float64 losses and gradients end to end (the reference code casts nothing)."""
+    return t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
 
 
 def supervised_contrastive_loss(features: Tensor, labels: Tensor, temperature: float = 0.07,
@@ -24,11 +31,11 @@ def supervised_contrastive_loss(features: Tensor, labels: Tensor, temperature: f
         temperature: tau (0.07 in ContSup).
 
     Returns:
-        0-dim fp32 loss: the mean over anchors that have at least one positive of
+        0-dim loss (fp32 for half-precision features, else their dtype): the mean over anchors that have at least one positive of
         ``-(tau/tau_b) * mean_{p in P(i)} log softmax_{a != i}(z_i . z_a / tau)_p``.
         Anchors with no positive in the batch are left out (0 if none has one).
     """
-    z = F.normalize(features.float(), dim=1)
+    z = F.normalize(loss_precision(features), dim=1)
     n = z.shape[0]
     logits = z @ z.T / temperature
     self_mask = torch.eye(n, dtype=torch.bool, device=z.device)
@@ -60,7 +67,8 @@ class ReconstructionDecoder(nn.Module):
     def forward(self, h: Tensor, image01: Tensor) -> Tensor:
         """h (N, C, H, W), image01 (N, 3, H_img, W_img) in [0, 1] -> 0-dim BCE loss."""
         up = F.interpolate(h, size=image01.shape[-2:], mode="bilinear", align_corners=True)
-        return F.binary_cross_entropy_with_logits(self.net(up).float(), image01.float())
+        logits = loss_precision(self.net(up))
+        return F.binary_cross_entropy_with_logits(logits, image01.to(logits.dtype))
 
 
 def group_diversity(logits: Sequence[Tensor], labels: Tensor, temperature: float = 3.0) -> Tensor:
@@ -77,13 +85,13 @@ def group_diversity(logits: Sequence[Tensor], labels: Tensor, temperature: float
         temperature: T (3 in GN-DGL).
 
     Returns:
-        0-dim fp32 tensor in [0, 1].
+        0-dim tensor in [0, 1] (fp32 for half-precision logits, else their dtype).
     """
     if len(logits) < 2:
         raise ValueError(f"group_diversity needs at least 2 heads, got {len(logits)}")
     ps = []
     for z in logits:
-        p = torch.softmax(z.float() / temperature, dim=1)
+        p = torch.softmax(loss_precision(z) / temperature, dim=1)
         p = p.scatter(1, labels[:, None], 0.0)
         p = p / p.sum(1, keepdim=True).clamp_min(1e-12)
         ps.append(F.normalize(p, dim=1))
@@ -98,7 +106,7 @@ def group_loss(logits: Sequence[Tensor], labels: Tensor, diversity_weight: float
                temperature: float = 3.0) -> Tensor:
     """GN-DGL local loss: ``sum_g CE(z_g, y) + diversity_weight * group_diversity(z, y, T)``
     (0.5 and T=3 in GN-DGL). A single head gives its cross-entropy alone."""
-    ce = sum(F.cross_entropy(z.float(), labels) for z in logits)
+    ce = sum(F.cross_entropy(loss_precision(z), labels) for z in logits)
     if len(logits) < 2:
         return ce
     return ce + diversity_weight * group_diversity(logits, labels, temperature)

@@ -50,13 +50,39 @@ MEMORY_BALANCED: Dict[str, Dict[int, List[Cut]]] = {
 }
 
 #: InfoPro-style loss weights ``(recon_first, cls_first, recon_last, cls_last)`` used with
-#: ``reconstruct=True``, interpolated linearly over the local modules (CIFAR-10, equal layers).
+#: ``reconstruct=True``, interpolated linearly over the local modules (CIFAR-10, equal layers;
+#: the reference's ``networks_dev/configs.py``, ``local_loss_scale``).
 RECONSTRUCTION_WEIGHTS: Dict[str, Dict[int, Tuple[float, float, float, float]]] = {
     "resnet32": {2: (5.0, 1.0, 0.0, 0.0), 4: (6.0, 0.0, 1.0, 2.0), 8: (5.0, 0.0, 0.0, 2.0),
                  16: (5.0, 0.05, 0.2, 0.5)},
     "resnet110": {2: (5.0, 0.5, 0.0, 0.0), 4: (1.0, 0.0, 0.0, 1.0), 8: (5.0, 0.0, 0.0, 1.0),
                   16: (5.0, 0.0, 0.5, 1.0)},
 }
+
+
+#: The same weights for the memory-balanced splits (the reference's
+#: ``local_loss_scale_for_memory_balance``, which its ``train.py`` reads with ``--balanced_memory``).
+RECONSTRUCTION_WEIGHTS_BALANCED: Dict[str, Dict[int, Tuple[float, float, float, float]]] = {
+    "resnet32": {2: (5.0, 0.1, 0.0, 0.0), 3: (5.0, 0.0, 5.0, 0.1), 4: (5.0, 0.0, 0.0, 0.1),
+                 8: (5.0, 0.0, 0.0, 2.0)},
+    "resnet110": {2: (5.0, 0.1, 0.0, 0.0), 3: (5.0, 0.0, 5.0, 0.1), 4: (5.0, 0.0, 0.0, 0.1)},
+}
+
+
+def reconstruction_weights(arch: Optional[str], K: int,
+                           balanced: bool) -> Optional[Tuple[float, float, float, float]]:
+    """The reference's reconstruction loss weights for ``arch`` at ``K``, or None.
+
+    With ``balanced`` (``split="balanced"``, the reference's ``--balanced_memory``) the
+    memory-balance table is read; where it has no entry but the memory-balanced split is the
+    equal-layer one (ResNet-32 at K = 16, where the reference's table has none and its
+    ``train.py`` would stop with a KeyError), the equal-layer weights are returned.
+    """
+    if balanced:
+        weights = RECONSTRUCTION_WEIGHTS_BALANCED.get(arch or "", {}).get(K)
+        if weights is not None or preset_cuts(arch, K, True) != preset_cuts(arch, K, False):
+            return weights
+    return RECONSTRUCTION_WEIGHTS.get(arch or "", {}).get(K)
 
 
 def preset_cuts(arch: Optional[str], K: int, balanced: bool) -> Optional[List[Cut]]:

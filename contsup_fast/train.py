@@ -31,7 +31,7 @@ import signal
 import sys
 import time
 import warnings
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -40,7 +40,7 @@ from . import data as D
 from .checkpoint import (CHECKPOINT_NAME, atomic_write_json, get_rng_state, load_checkpoint,
                          resolve_checkpoint, save_checkpoint, set_rng_state)
 
-__all__ = ["build_parser", "main", "run", "RESULT_ARGS"]
+__all__ = ["build_parser", "main", "run", "RESULT_ARGS", "NonFiniteLossError"]
 
 AUX_CHOICES = ("0c1f", "0c2f", "1c1f", "1c2f", "1c3f", "2c2f", "auglocal", "dgl")
 CIFAR_RESNETS = ("resnet20", "resnet32", "resnet44", "resnet56", "resnet110")
@@ -50,12 +50,12 @@ CIFAR_RESNETS = ("resnet20", "resnet32", "resnet44", "resnet56", "resnet110")
 RESULT_ARGS = ("model", "K", "context", "n", "aux", "loss", "reconstruct", "split", "dataset",
                "epochs", "batch_size", "lr", "momentum", "wd", "warmup_epochs", "seed", "subset",
                "amp", "context_gate", "context_gate_epochs", "context_gate_init", "context_mean", "warmup_start",
-               "aux_depth", "aux_pyramid", "width_groups")
+               "aux_depth", "aux_pyramid", "width_groups", "normalization")
 
 
 #: the value a result argument had in runs written before the option existed (their checkpoints
 #: lack the key): a resume continues them with it, not with today's default
-OPTION_ABSENT_MEANS = {"context_mean": "none"}
+OPTION_ABSENT_MEANS = {"context_mean": "none", "normalization": "dataset"}
 
 
 def param_groups(params, local: torch.nn.Module) -> List[dict]:
@@ -175,6 +175,11 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--backend", default="auto", choices=("auto", "torch", "triton", "native"),
                    help="implementation of the fused boundary ops")
     g = p.add_argument_group("data")
+    g.add_argument("--normalization", default="dataset", choices=("dataset", "reference"),
+                   help="input normalisation: dataset (the training set's per-channel statistics) "
+                        "or reference (the ContSup reference train.py's constants: "
+                        "(125.3, 123.0, 113.9)/255 and (63.0, 62.1, 66.7)/255 for CIFAR, 0.5/0.5 "
+                        "otherwise)")
     g.add_argument("--dataset", default="cifar10",
                    help="cifar10, cifar100, or a torchvision dataset present in --data-dir "
                         "(svhn, stl10, ...)")
@@ -359,6 +364,45 @@ class _Interrupted(Exception):
     pass
 
 
+class NonFiniteLossError(RuntimeError):
+    """A local loss became NaN or infinite: the run stops without writing a checkpoint, so the
+    last one on disk (if any) holds the last good state."""
+
+
+class _FiniteGuard:
+    """Checks every step's local losses for NaN/inf. The losses stay on the device until
+    :meth:`check`, which the loop calls after every step on CPU and every ``--log-every``
+    steps and at each epoch's end on a GPU (one host synchronisation, where the loop already
+    has one), so the first bad step is still named exactly."""
+
+    def __init__(self, ckpt_path: str, steps_per_epoch: int):
+        self.ckpt_path, self.steps_per_epoch = ckpt_path, steps_per_epoch
+        self.pending: List[tuple] = []
+
+    def add(self, epoch: int, step: int, lr: float, local_losses: torch.Tensor) -> None:
+        self.pending.append((epoch, step, lr, local_losses.detach()))
+
+    def check(self) -> None:
+        """Raises:
+            NonFiniteLossError: one line naming the first bad step's local module, epoch, step,
+                learning rate and the checkpoint kept."""
+        if not self.pending:
+            return
+        losses = torch.stack([p[3] for p in self.pending])
+        bad = ~torch.isfinite(losses)
+        if not bool(bad.any()):
+            self.pending.clear()
+            return
+        row = int(bad.any(dim=1).nonzero()[0])
+        j = int(bad[row].nonzero()[0])
+        epoch, step, lr, _ = self.pending[row]
+        kept = (f"the last good checkpoint is kept: {self.ckpt_path}" if os.path.exists(self.ckpt_path)
+                else "no checkpoint had been written yet")
+        raise NonFiniteLossError(
+            f"non-finite local loss ({float(losses[row, j])}) in local module {j} at epoch {epoch + 1}, "
+            f"step {step}/{self.steps_per_epoch}, lr {lr:.4g}: training stopped; {kept}")
+
+
 # --------------------------------------------------------------------------------------------
 # data, and multi-process runs (--parallel data|pipeline under torchrun)
 
@@ -461,6 +505,18 @@ class _Data:
         self.__dict__.update(kw)
 
 
+def _normalization(args) -> Tuple[Tuple[float, ...], Tuple[float, ...]]:
+    """(mean, std) of ``--normalization``: the dataset's statistics (ImageNet's for an
+    ImageFolder), or the ContSup reference ``train.py``'s constants (CIFAR: its own; any other
+    dataset: 0.5 and 0.5, as the reference does)."""
+    if args.normalization == "reference":
+        from .local import REFERENCE_CIFAR_MEAN, REFERENCE_CIFAR_STD
+        if args.dataset.lower().startswith("cifar"):
+            return REFERENCE_CIFAR_MEAN, REFERENCE_CIFAR_STD
+        return (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)
+    return D.dataset_stats(args.dataset)
+
+
 def _load_data(parser, args, par: "_Parallel") -> _Data:
     """Train and test loaders: the in-memory tensor loaders (CIFAR and torchvision datasets)
     or the ImageFolder loaders; data parallel shards the ImageFolder ones per rank."""
@@ -468,6 +524,9 @@ def _load_data(parser, args, par: "_Parallel") -> _Data:
     if args.dataset == "imagefolder":
         if args.subset is not None:
             parser.error("--subset is not supported with --dataset imagefolder")
+        if args.normalization != "dataset":
+            parser.error(f"--normalization {args.normalization} is not supported with --dataset "
+                         f"imagefolder (its loader normalises with ImageNet statistics); allowed: dataset")
         shard = args.parallel == "data"
         try:
             loader, test_loader, classes = D.imagefolder_loaders(
@@ -505,7 +564,7 @@ def _load_data(parser, args, par: "_Parallel") -> _Data:
         x_train, y_train = x_train[idx], y_train[idx]
     if len(y_train) < 2:
         parser.error("need at least 2 training images")
-    mean, std = D.dataset_stats(args.dataset)
+    mean, std = _normalization(args)
     loader = D.make_train_loader(x_train, y_train, args.batch_size, mean, std, device,
                                  seed=args.seed, channels_last=args.channels_last,
                                  num_workers=0 if args.num_workers is None else args.num_workers)
@@ -1044,6 +1103,8 @@ def _train(parser, args, ckpt, par: "_Parallel", t_start: float) -> Dict[str, An
 
     from tqdm import tqdm
     trainer.train()
+    guard = _FiniteGuard(ckpt_path, steps_per_epoch)
+    check_every = 1 if device.type == "cpu" else args.log_every
     stop = _StopFlag()
     epochs_this_call = 0
     last = None
@@ -1064,8 +1125,12 @@ def _train(parser, args, ckpt, par: "_Parallel", t_start: float) -> Dict[str, An
                 t0 = time.time()
                 seen0 = acc["images"]
                 for i, (x, y, n_img) in enumerate(par.batches(loader, b0, steps_per_epoch), start=b0):
+                    lr_now = trainer.lr()
                     out = trainer.step(x, y)
                     if out is not None:
+                        guard.add(epoch, i + 1, lr_now, out.local_losses)
+                        if (i + 1) % check_every == 0:
+                            guard.check()
                         acc["loss"] += out.loss.detach().float()
                         acc["step_losses"].append(out.loss.detach().float())  # read at epoch end
                         acc["local"] += out.local_losses.detach().float()
@@ -1085,6 +1150,7 @@ def _train(parser, args, ckpt, par: "_Parallel", t_start: float) -> Dict[str, An
                 trainer.end_epoch()
                 if device.type == "cuda":
                     torch.cuda.synchronize(device)
+                guard.check()
                 acc["time"] += time.time() - t0
                 bar.close()
                 steps = max(1, acc["steps"])
@@ -1124,6 +1190,10 @@ def _train(parser, args, ckpt, par: "_Parallel", t_start: float) -> Dict[str, An
                     return {"stopped": True, "epoch": epoch + 1, "out": args.out,
                             "checkpoint": ckpt_path, "test_acc": test_acc}
             par.finish_votes()
+    except NonFiniteLossError:
+        if bar is not None:
+            bar.close()
+        raise
     except (KeyboardInterrupt, _Interrupted) as exc:
         if bar is not None:
             bar.close()
@@ -1161,13 +1231,14 @@ def _train(parser, args, ckpt, par: "_Parallel", t_start: float) -> Dict[str, An
 
 def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     """Console entry point (``contsup-train``): :func:`run`, with exit status 130 on Ctrl-C
-    (after the checkpoint is saved), and one line (status 1) when another rank died."""
+    (after the checkpoint is saved), and one line (status 1) when another rank died or a local
+    loss became non-finite."""
     from .distributed import DeadRankError
     try:
         return run(argv)
     except KeyboardInterrupt:
         raise SystemExit(130)
-    except DeadRankError as exc:
+    except (DeadRankError, NonFiniteLossError) as exc:
         print(f"contsup-train: error: {exc}", file=sys.stderr, flush=True)
         raise SystemExit(1)
 

@@ -124,3 +124,33 @@ def test_sigterm_stops_the_harness_and_checkpoints_its_runs(tiny_cifar, tmp_path
     for name in ("R0_seed0", "R1E_ramp_seed0"):
         assert (runs / name / "checkpoint.pt").exists()
         assert "checkpoint saved" in (runs / name / "train.out").read_text()
+
+
+def test_cpu_k_reuses_the_cpu_presets_runs_and_refuses_a_different_protocol():
+    from dataclasses import replace
+    from bench.common import RESULTS
+    p = A.PRESETS["cpu-k"]
+    assert {p.k_of(v) for v in p.variants} == {1, 2, 4, 8, 16} and p.sweeps_k()
+    reused = A.reused_logs(p, RESULTS)
+    committed = json.loads((RESULTS / "accuracy_cpu.json").read_text())["runs"]
+    for row, there in (("E2E", "E2E"), ("R0 K=16", "R0"), ("R1E K=16", "R1E mean-last")):
+        assert [reused[row][s]["final"] for s in p.seeds] == [committed[there][str(s)]["final"] for s in p.seeds]
+    # a row whose training arguments differ from the run it names is refused, naming them
+    other = replace(p, variants={**p.variants, "R0 K=16": p.variants["R0 K=16"] + ["--lr", "0.2"]})
+    with pytest.raises(ValueError, match=r"lr: 0\.2 here, 0\.1 there"):
+        A.reused_logs(other, RESULTS)
+    other = replace(p, variants={**p.variants, "R1E K=16": ["--K", "8"] + p.variants["R1E K=16"][2:]})
+    with pytest.raises(ValueError, match="K: 8 here, 16 there"):
+        A.reused_logs(other, RESULTS)
+
+
+def test_plot_against_k_draws_each_method_over_k(tmp_path):
+    def s(finals):
+        return {"seeds_finished": [0, 1], "test_acc": {12: {"seeds": finals}}}
+    p = A.PRESETS["cpu-k"]
+    summary = {"E2E": s([68.0, 68.3]), "R0 K=2": s([60.0, 61.0]), "R0 K=16": s([55.0, 56.0]),
+               "R1E K=2": s([63.0, 63.5])}
+    path = A.plot_against_k(p, summary, tmp_path)
+    assert path == tmp_path / "accuracy_cpu_k.png" and path.stat().st_size > 0
+    # no method with two K values yet: nothing to draw
+    assert A.plot_against_k(p, {"E2E": summary["E2E"], "R0 K=2": summary["R0 K=2"]}, tmp_path) is None

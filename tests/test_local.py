@@ -184,7 +184,9 @@ def test_every_head_and_loss_trains(aux, loss):
 def test_heads_on_any_channel_count_and_widest_stage():
     local = LocalSequential(tiny_cnn(), K=4, context="R0", input_size=(3, 16, 16), backend="torch")
     convs = [m.head.convs[0] for m in list(local)[:-1]]
-    assert [(c.in_channels, c.out_channels, c.stride[0]) for c in convs] == [(8, 16, 2), (12, 12, 1), (12, 12, 1)]
+    # the widest stage is the network's (its 16-channel last stage, not cut at K=4), as in the
+    # reference: a head keeps its width only there, so the 12-channel heads widen and stride
+    assert [(c.in_channels, c.out_channels, c.stride[0]) for c in convs] == [(8, 16, 2), (12, 24, 2), (12, 24, 2)]
     local = LocalSequential(resnet32(), K=16, context="R0", backend="torch")
     conv = local[14].head.convs[0]
     assert (conv.in_channels, conv.out_channels, conv.stride[0]) == (64, 64, 1)
