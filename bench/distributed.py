@@ -32,7 +32,7 @@ import time
 from pathlib import Path
 from typing import Dict, List, Optional
 
-from bench.common import RESULTS, environment, format_table, write_json
+from bench.common import RESULTS, environment, format_table, results_payload, write_json
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -290,7 +290,7 @@ def main(argv=None) -> Dict[str, object]:
     print(format_table(rows, ["mode", "procs", "stages", "images_per_s", "speedup", "efficiency",
                               "cpu_bound_speedup",
                               "bytes/step (max rank)", "wait ms/step (max rank)", "error"]))
-    payload = {"benchmark": "distributed", "environment": env, "settings": settings, "rows": rows}
+    payload = results_payload("distributed", env, settings, rows)
     out_dir = Path(args.out) if args.out else RESULTS
     path = write_json(f"distributed_{tag}", payload, out_dir)
     png = plot(rows, out_dir / f"distributed_{tag}.png", title)

@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from bench.common import environment, format_table, median_time, write_json
+from bench.common import environment, format_table, median_time, write_results
 
 # (C, target H = W) of resnet32's three stages; u is always (B, 12, 32, 32)
 CASES = [(16, 32), (32, 16), (64, 8)]
@@ -123,12 +123,11 @@ def main(argv: Optional[List[str]] = None) -> List[Dict[str, object]]:
             "peak_ratio", "z_MiB"]
     print(format_table(rows, cols))
     suffix = f"_t{torch.get_num_threads()}" if device.type == "cpu" else ""
-    path = write_json(f"image_context_{device.type}_{args.dtype}{suffix}", {
-        "environment": environment(device),
-        "settings": {"threads": torch.get_num_threads(), "batch": args.batch, "dtype": args.dtype, "steps": args.steps, "C_in": C_IN,
-                     "image": IMAGE, "op": "h + avgpool_s(relu(bn(conv3x3(u))))", "pass": "forward+backward"},
-        "rows": rows,
-    }, args.out)
+    path = write_results(
+        f"image_context_{device.type}_{args.dtype}{suffix}", "image_context", environment(device),
+        {"threads": torch.get_num_threads(), "batch": args.batch, "dtype": args.dtype, "steps": args.steps, "C_in": C_IN,
+         "image": IMAGE, "op": "h + avgpool_s(relu(bn(conv3x3(u))))", "pass": "forward+backward"},
+        rows, args.out)
     print(f"wrote {path}")
     return rows
 

@@ -24,7 +24,7 @@ from torch.profiler import ProfilerActivity, profile
 from contsup_fast import LocalSequential
 from contsup_fast.models import build_model
 
-from .common import environment, write_json
+from .common import environment, write_results
 
 
 def _site(event) -> Tuple[str, str, str]:
@@ -133,8 +133,8 @@ def main(argv=None) -> dict:
     for r in res["sites"]:
         print(f"{r['MiB']:7.2f} {r['tensors']:4d}  {r['op']:<28} {r['autograd_node']:<32} {r['source']}")
     if args.json:
-        write_json(args.json, {"environment": environment(torch.device("cpu")), "settings": vars(args),
-                               "result": res})
+        write_results(args.json, "peak_timeline", environment(torch.device("cpu")), vars(args), res["sites"],
+                      peak={k: v for k, v in res.items() if k != "sites"})
     return res
 
 

@@ -36,7 +36,7 @@ from typing import Dict, List, Optional
 
 import torch
 
-from .common import environment, format_table, median_time, write_json
+from .common import environment, format_table, median_time, results_payload, write_json
 
 CONTEXTS = ("R0", "E", "R1", "R1E")
 
@@ -161,9 +161,10 @@ def main(argv=None) -> List[dict]:
     cols = ["model", "method", "K", "context", "batch", "dtype", "step_ms", "img_s", "mem_MiB"]
     print()
     print(format_table(rows, cols))
-    payload = {"environment": environment(device), "source": "github.com/Tab-ct/ContSup networks_dev (run time import)",
-               "settings": dict(models=args.models, K=args.K, contexts=args.contexts, batch=n,
-                                warmup=args.warmup, steps=args.steps), "rows": rows}
+    payload = results_payload("reference_contsup", environment(device),
+                              dict(models=args.models, K=args.K, contexts=args.contexts, batch=n,
+                                   warmup=args.warmup, steps=args.steps), rows,
+                              source="github.com/Tab-ct/ContSup networks_dev (run time import)")
     if args.compare:
         cmp_rows = compare(rows, args.compare)
         payload["vs_ours"] = cmp_rows

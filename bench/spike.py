@@ -35,7 +35,7 @@ from contsup_fast import data as D
 from contsup_fast.models import build_model
 from contsup_fast.train import param_groups
 
-from .common import environment, format_table, write_json
+from .common import environment, format_table, write_results
 
 #: the variants: LocalSequential options (E2E is K=1); the R1E rows name both context options
 VARIANTS: Dict[str, dict] = {
@@ -130,10 +130,8 @@ def main(argv: Optional[Sequence[str]] = None) -> List[dict]:
     print(format_table([{**r, f"loss_per_{args.chunk}": " ".join(f"{v:.2f}" for v in r[f"loss_per_{args.chunk}"])}
                         for r in rows], cols))
     if args.json:
-        path = write_json(f"spike_{args.model}_K{args.K}", {
-            "environment": environment(torch.device("cpu")),
-            "settings": {k: v for k, v in vars(args).items() if k not in ("json", "out")}, "rows": rows},
-            args.out)
+        path = write_results(f"spike_{args.model}_K{args.K}", "spike", environment(torch.device("cpu")),
+                             {k: v for k, v in vars(args).items() if k not in ("json", "out")}, rows, args.out)
         print(f"wrote {path}")
     return rows
 

@@ -20,7 +20,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from contsup_fast import LocalSequential
 from contsup_fast.models import build_model
 
-from .common import environment, format_table, write_json
+from .common import environment, format_table, write_results
 
 
 def step_flops(model: str, K: int, context: str, backend: str, batch: int) -> int:
@@ -56,8 +56,7 @@ def main(argv=None) -> List[dict]:
     print(format_table(rows, ["model", "K", "context", "backend", "GFLOP", "vs_E2E"]))
     print(f"batch {args.batch}; FlopCounterMode: ATen convolutions and matmuls, forward + backward + recomputes")
     if args.json:
-        write_json(args.json, {"environment": environment(torch.device("cpu")), "settings": vars(args),
-                               "rows": rows})
+        write_results(args.json, "step_flops", environment(torch.device("cpu")), vars(args), rows)
     return rows
 
 

@@ -33,7 +33,7 @@ from contsup_fast.memory import AllocationPeak, SavedTensorMeter
 from contsup_fast.models import build_model
 from contsup_fast.splitting import plan_split
 
-from .common import environment, format_table, median_time, write_json
+from .common import environment, format_table, median_time, write_results
 
 MODELS = {  # name: (image size, batch on GPU, batch on CPU)
     "resnet32": (32, 1024, 64),
@@ -231,8 +231,8 @@ def main(argv=None) -> List[dict]:
                 "); saved: peak of saved-for-backward bytes (saved-tensor hooks; not measurable for E2E checkpoint)")
     print(f"memory: {mem_kind}")
     tag = f"train_step_{device.type}" + ("_quick" if quick else "")
-    path = write_json(tag, {"environment": environment(device), "settings": settings,
-                            "memory_measure": mem_kind, "rows": rows}, args.out)
+    path = write_results(tag, "train_step", environment(device), settings, rows, args.out,
+                         memory_measure=mem_kind)
     png = (path.parent / f"{tag}.png")
     plot(rows, png)
     print(f"wrote {path} and {png}")

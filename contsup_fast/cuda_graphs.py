@@ -113,8 +113,11 @@ class GraphedLocalSteps:
         device_type: the device type the inputs must have (default ``"cuda"``).
 
     Call it as ``steps(x, y, scaler, backend)`` in place of an eager training pass; it returns
-    the same :class:`~contsup_fast.local.LocalOutput` (``logits`` cloned out of the static
-    buffer; ``local_losses`` stacked from the static losses).
+    the tuple ``(logits, loss, local_losses)`` the caller wraps as a
+    :class:`~contsup_fast.local.LocalOutput` (``logits`` cloned out of the static buffer;
+    ``local_losses`` (K,) stacked from the static losses; ``loss`` its last entry). This module
+    imports nothing from :mod:`contsup_fast.local`: the wrapped model is reached only through
+    the ``local`` object it is given (its ``module_step``, ``local_modules``, ``spec``).
     """
 
     def __init__(self, local: nn.Module, warmup: int = 2, runtime=None, device_type: str = "cuda"):
@@ -210,9 +213,7 @@ class GraphedLocalSteps:
         self.graphs = graphs
 
     # ------------------------------------------------------------------ one training call
-    def __call__(self, x: Tensor, y: Tensor, scaler, backend):
-        from .local import LocalOutput
-
+    def __call__(self, x: Tensor, y: Tensor, scaler, backend) -> Tuple[Tensor, Tensor, Tensor]:
         if scaler is not None:
             raise ValueError("cuda_graphs=True does not support a GradScaler (its scale and inf checks "
                              "change per step); train in bf16 autocast or fp32, or use cuda_graphs=False")
@@ -226,7 +227,8 @@ class GraphedLocalSteps:
         self.calls += 1
         if self.calls <= self.warmup:
             logits, losses = self._eager_warmup(x, y, backend)
-            return LocalOutput(logits=logits, loss=losses[-1], local_losses=torch.stack(losses))
+            stacked = torch.stack(losses)
+            return logits, stacked[-1], stacked
         if not self.graphs:
             self._capture(x, y, backend)
         else:
@@ -238,4 +240,4 @@ class GraphedLocalSteps:
             g.replay()
             self._after_module(m)
         losses = torch.stack(self.static_losses)
-        return LocalOutput(logits=self.static_logits.clone(), loss=losses[-1], local_losses=losses)
+        return self.static_logits.clone(), losses[-1], losses

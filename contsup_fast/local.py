@@ -482,7 +482,7 @@ class LocalSequential(nn.Module):
         backend = self.backend_for(x.device)
         self._set_ramp()
         if train and self._graphed is not None:
-            out = self._graphed(x, y, scaler, backend)
+            out = LocalOutput(*self._graphed(x, y, scaler, backend))
             if self.context_gate == "ramp":
                 self.context_gate_step += 1
             return out

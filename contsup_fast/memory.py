@@ -36,6 +36,7 @@ import argparse
 import json
 import platform
 from dataclasses import dataclass
+from datetime import datetime, timezone
 from typing import Dict, Iterable, List, Optional
 
 import torch
@@ -376,11 +377,14 @@ def main(argv: Optional[List[str]] = None) -> List[dict]:
               else "torch.cuda.max_memory_allocated")
     print(MEASURES.format(source=source))
     if args.json:
-        meta = {"torch": torch.__version__, "python": platform.python_version(), "device": args.device,
-                "device_name": torch.cuda.get_device_name() if args.device.startswith("cuda") else platform.processor(),
-                "measures": MEASURES.format(source=source), "settings": vars(args)}
+        # bench/results' schema (bench.common.SCHEMA, docs/performance.md), without importing bench
+        env = {"time_utc": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+               "python": platform.python_version(), "torch": torch.__version__, "device": args.device,
+               "device_name": torch.cuda.get_device_name() if args.device.startswith("cuda") else platform.processor()}
         with open(args.json, "w") as f:
-            json.dump({"meta": meta, "rows": rows}, f, indent=2)
+            json.dump({"schema": "contsup_fast.bench/1", "benchmark": "memory", "environment": env,
+                       "settings": vars(args), "rows": rows, "measures": MEASURES.format(source=source)},
+                      f, indent=2)
     return rows
 
 

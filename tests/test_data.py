@@ -68,7 +68,7 @@ def test_reader_no_warning_when_checksums_match(tmp_path, monkeypatch):
     write_fake_cifar10(str(tmp_path))
     folder = str(tmp_path / "cifar-10-batches-py")
     sums = _fake_md5(folder, [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"])
-    monkeypatch.setattr(D, "_official_md5", lambda name: sums)
+    monkeypatch.setattr(D.cifar, "_official_md5", lambda name: sums)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         D.load_cifar(tmp_path, "cifar10", train=True)
@@ -77,8 +77,8 @@ def test_reader_no_warning_when_checksums_match(tmp_path, monkeypatch):
 
 def test_official_checksums_come_from_torchvision():
     pytest.importorskip("torchvision")
-    assert D._official_md5("cifar10") == D.CIFAR10_MD5
-    assert D._official_md5("cifar100") == D.CIFAR100_MD5
+    assert D.cifar._official_md5("cifar10") == D.CIFAR10_MD5
+    assert D.cifar._official_md5("cifar100") == D.CIFAR100_MD5
 
 
 def test_reader_cifar100_layout(tmp_path):
