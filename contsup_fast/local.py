@@ -17,6 +17,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch._subclasses.fake_tensor import is_fake
 from torch.utils.hooks import RemovableHandle
 
 from .context import BoundaryContext, ContextSpec, ContextTerms, check_gate, check_mean, parse_context
@@ -374,7 +375,7 @@ class LocalSequential(nn.Module):
                                  f"indices, got {got}")
             if y.device != x.device:
                 raise ValueError(f"y is on {y.device} but x is on {x.device}")
-            if y.numel():
+            if y.numel() and not is_fake(y):  # fake tensors (the compile report's recording) hold no values
                 # one host synchronisation per call: cross-entropy would otherwise raise a bare
                 # IndexError on CPU, or a device-side assert that poisons the CUDA context
                 lo, hi = torch.aminmax(y)
