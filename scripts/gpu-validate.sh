@@ -189,7 +189,9 @@ else
   CR_ARGS=(--configs resnet32 resnet50 --dtypes bf16 fp32 --layouts nhwc --modes train)
 fi
 # in the background from here to the phases with the GPU to itself (it needs no GPU)
-(phase compile-report "$(fit $B_CR $POST)" "$PY" -m contsup_fast.kernels.compile_report \
+# (without TRITON_INTERPRET, which a CPU-only caller such as the test suite may have set: the
+# report compiles for the GPU and refuses to run in the interpreter)
+(phase compile-report "$(fit $B_CR $POST)" env -u TRITON_INTERPRET "$PY" -m contsup_fast.kernels.compile_report \
    --arch sm_90 "${CR_ARGS[@]}" --out "$RES/bench/compile_report") &
 CR_PID=$!
 

@@ -47,8 +47,36 @@ def test_learned_gate_training_step_matches_torch_backend_in_float64(backend, ga
 TOL = dict(rtol=2e-3, atol=2e-4)
 
 
+CONFIGS = [("R1E", "1c2f"), ("R2", "0c2f"), ("E", "2c2f"), ("R0", "1c1f")]
+
+
 @pytest.mark.parametrize("backend", FUSED)
-@pytest.mark.parametrize("context,aux", [("R1E", "1c2f"), ("R2", "0c2f"), ("E", "2c2f"), ("R0", "1c1f")])
+@pytest.mark.parametrize("context,aux", CONFIGS)
+def test_training_step_matches_torch_backend_in_float64(backend, context, aux):
+    """The exact check behind the fp32 one below: every weight's gradient equal to the torch
+    backend's (biases right before a training-mode BatchNorm have zero gradient in exact
+    arithmetic, so only their absolute size is checked)."""
+    ref, fused = _pair(backend, context=context, aux=aux)
+    ref, fused = ref.double(), fused.double()
+    g = torch.Generator().manual_seed(3)
+    x, y = torch.randn(6, 3, 32, 32, generator=g, dtype=torch.float64), torch.randint(0, 10, (6,), generator=g)
+    a, b = ref(x, y), fused(x, y)
+    torch.testing.assert_close(b.local_losses, a.local_losses, rtol=1e-10, atol=1e-12)
+    for (k, p), (_, q) in zip(ref.named_parameters(), fused.named_parameters()):
+        assert (p.grad is None) == (q.grad is None), k
+        if p.grad is not None:
+            torch.testing.assert_close(q.grad, p.grad, rtol=1e-8, atol=1e-10 * max(1.0, float(p.grad.abs().max())),
+                                       msg=k)
+
+
+@pytest.mark.parametrize("backend", FUSED)
+@pytest.mark.parametrize("context,aux", [
+    c if c != ("E", "2c2f") else pytest.param(*c, marks=pytest.mark.xfail(
+        strict=False, reason="fp32 rounding: since the heads keep their width only at the widest "
+                             "stage, the triton backend's module-3 image-context gradient differs "
+                             "from torch's by up to 5% of a weight's largest gradient in fp32 "
+                             "(measured), while float64 agrees to 1e-14 (the test above)"))
+    for c in CONFIGS])
 def test_training_step_matches_torch_backend(backend, context, aux):
     ref, fused = _pair(backend, context=context, aux=aux)
     g = torch.Generator().manual_seed(3)
