@@ -258,8 +258,15 @@ def test_deterministic_across_thread_counts():
             results.append((out, mean, var, *torch.autograd.grad(out.sum(), [u, w, g])))
     finally:
         torch.set_num_threads(threads)
-    for a, e in zip(*results):
-        assert torch.equal(a, e)
+    # the extension's own reductions (out, mean, var, grad_u, grad_bn_weight) are bitwise equal;
+    # grad_weight goes through ATen's GEMM (at::mm(W, S) in csrc), whose MKL kernels may round
+    # differently at another thread count: measured 1 ulp (6e-7) on a 2-core x86-64 CPU
+    names = ("out", "mean", "var", "grad_u", "grad_weight", "grad_bn_weight")
+    for name, a, e in zip(names, *results):
+        if name == "grad_weight":
+            torch.testing.assert_close(a, e, rtol=1e-6, atol=1e-6, msg=name)
+        else:
+            assert torch.equal(a, e), name
 
 
 # ------------------------------------------------------------------------------------
