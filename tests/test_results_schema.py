@@ -53,6 +53,17 @@ def test_write_results_round_trip(tmp_path):
     assert common.load_results(path) == obj
 
 
+def test_write_payload_writes_the_current_form_with_extras_and_refuses_any_other(tmp_path):
+    payload = common.results_payload("demo", _env(), {"batch": 8}, [{"a": 1}])
+    payload["vs_ours"] = [{"b": 2}]  # a key added after the payload was built
+    path = common.write_payload("demo_cpu", payload, tmp_path)
+    assert common.load_results(path) == json.loads(json.dumps(payload))
+    legacy = {"environment": _env(), "settings": {}, "rows": [{"a": 1}]}
+    with pytest.raises(ValueError, match="legacy form"):
+        common.write_payload("legacy_cpu", legacy, tmp_path)
+    assert not (tmp_path / "legacy_cpu.json").exists()
+
+
 @pytest.mark.parametrize("change, message", [
     (lambda o: o.pop("rows"), "'rows' must be a non-empty list"),
     (lambda o: o.update(rows=[]), "empty"),
