@@ -38,8 +38,18 @@ from setuptools.command.build_ext import build_ext as _plain_build_ext
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 EXT_NAME = "contsup_fast._C"
-CPP_SOURCES = ["csrc/contsup_ops.cpp"]
-CUDA_SOURCES = ["csrc/contsup_ops_cuda.cu"]
+# csrc/: op_*.cpp the device-agnostic operators (op_registration.cpp registers them),
+# cpu_*.cpp their CPU passes, cuda_*.cu their CUDA passes (cuda_emulation.* is test-only)
+CPP_SOURCES = [
+    "csrc/op_registration.cpp",
+    "csrc/op_bn_relu_pool.cpp",
+    "csrc/op_residual_context.cpp",
+    "csrc/op_image_context.cpp",
+    "csrc/cpu_bn_pool.cpp",
+    "csrc/cpu_residual_context.cpp",
+    "csrc/cpu_image_context.cpp",
+]
+CUDA_SOURCES = ["csrc/cuda_bn_pool.cu", "csrc/cuda_residual_context.cu", "csrc/cuda_image_context.cu"]
 CUDA_ONLY_LIBS = ("cudart", "c10_cuda", "torch_cuda")
 
 

@@ -10,8 +10,9 @@ checkpoint.
 
 Outputs, under ``--out`` (default ``bench/results``):
 
-* ``accuracy_<preset>.json``: environment, protocol, every run's per-epoch records and the
-  summary (test accuracy mean and spread over seeds at each evaluated epoch);
+* ``accuracy_<preset>.json`` (the bench/results schema, :mod:`bench.common`): the environment,
+  the protocol as ``settings``, one row per variant with its summary (test accuracy mean and
+  spread over seeds at each evaluated epoch) and, under ``runs``, every run's per-epoch records;
 * ``accuracy_<preset>.png``: test accuracy against epoch, one line per variant (mean over
   seeds) with a band from the lowest to the highest seed;
 * ``accuracy_<preset>_loss.png``: the last module's loss over the first epoch's steps
@@ -50,7 +51,7 @@ from typing import Dict, List, Optional, Sequence
 
 import torch
 
-from .common import RESULTS, environment, format_table, write_json
+from .common import RESULTS, environment, format_table, results_payload, write_payload
 
 __all__ = ["Protocol", "PRESETS", "reused_logs", "run_protocol", "summarize", "main"]
 
@@ -522,10 +523,12 @@ def main(argv: Optional[Sequence[str]] = None) -> dict:
     summary = summarize(p, logs)
     print(table(summary))
     print(run_table(logs))
-    payload = {"environment": environment(torch.device("cpu")), "protocol": asdict(p),
-               "runs_root": str(runs_root), "wall_s": time.time() - t0, "summary": summary,
-               "runs": {v: {str(s): l for s, l in by_seed.items()} for v, by_seed in logs.items()}}
-    path = write_json(f"accuracy_{p.name}", payload, out_dir)
+    # bench/results schema: settings = the protocol, one row per variant (its summary)
+    payload = results_payload("accuracy", environment(torch.device("cpu")), asdict(p),
+                              [{"variant": v, **s} for v, s in summary.items()],
+                              runs_root=str(runs_root), wall_s=time.time() - t0,
+                              runs={v: {str(s): l for s, l in by_seed.items()} for v, by_seed in logs.items()})
+    path = write_payload(f"accuracy_{p.name}", payload, out_dir)
     pngs = plot(p, logs, summary, out_dir)
     if p.sweeps_k():
         against_k = plot_against_k(p, summary, out_dir)

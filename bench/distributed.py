@@ -32,7 +32,7 @@ import time
 from pathlib import Path
 from typing import Dict, List, Optional
 
-from bench.common import RESULTS, environment, format_table, results_payload, write_json
+from bench.common import RESULTS, environment, format_table, results_payload, write_payload
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -292,7 +292,7 @@ def main(argv=None) -> Dict[str, object]:
                               "bytes/step (max rank)", "wait ms/step (max rank)", "error"]))
     payload = results_payload("distributed", env, settings, rows)
     out_dir = Path(args.out) if args.out else RESULTS
-    path = write_json(f"distributed_{tag}", payload, out_dir)
+    path = write_payload(f"distributed_{tag}", payload, out_dir)
     png = plot(rows, out_dir / f"distributed_{tag}.png", title)
     print(f"wrote {path}" + (f" and {png}" if png else ""))
     return payload

@@ -26,7 +26,7 @@ from torch import nn
 
 from contsup_fast.fused import available_backends, resolve_backend
 
-from .common import environment, format_table, median_time, write_json
+from .common import environment, format_table, median_time, write_results
 
 
 @dataclass
@@ -210,7 +210,7 @@ def main(argv=None) -> List[dict]:
     print(format_table(rows, cols))
     print(f"device-to-device copy: {copy_bw / 1e9:.1f} GB/s (read + write)")
     tag = f"kernels_{device.type}" + ("_quick" if args.quick else "")
-    path = write_json(tag, {"environment": environment(device), "settings": settings, "rows": rows}, args.out)
+    path = write_results(tag, "kernels", environment(device), settings, rows, args.out)
     print(f"wrote {path}")
     return rows
 

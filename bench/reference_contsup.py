@@ -36,7 +36,7 @@ from typing import Dict, List, Optional
 
 import torch
 
-from .common import environment, format_table, median_time, results_payload, write_json
+from .common import environment, format_table, median_time, results_payload, write_payload
 
 CONTEXTS = ("R0", "E", "R1", "R1E")
 
@@ -171,7 +171,7 @@ def main(argv=None) -> List[dict]:
         print()
         print(format_table(cmp_rows, ["model", "K", "context", "backend", "ours_img_s", "ref_img_s",
                                       "speed_vs_ref", "ours_mem_MiB", "ref_mem_MiB"]))
-    path = write_json(f"reference_contsup_{device.type}", payload, args.out)
+    path = write_payload(f"reference_contsup_{device.type}", payload, args.out)
     print(f"wrote {path}")
     return rows
 

@@ -14,9 +14,8 @@ Needs the CIFAR-10 files (``--data-dir``, default the tests' cache). A few minut
 from __future__ import annotations
 
 import argparse
-import json
-import platform
 import time
+from pathlib import Path
 from typing import List, Optional
 
 import numpy as np
@@ -25,6 +24,8 @@ import torch
 from contsup_fast import LocalSequential, tokens
 from contsup_fast.data import find_data_dir, load_cifar, subset_indices
 from contsup_fast.local import CIFAR10_MEAN, CIFAR10_STD
+
+from .common import environment, write_results
 
 
 def _tensor(images: np.ndarray) -> torch.Tensor:
@@ -100,10 +101,8 @@ def main(argv: Optional[List[str]] = None) -> List[dict]:
             print(f"{label:<24} seed {seed}: test {r['test_acc']:.2%}  last-module loss "
                   f"{r['last_loss']:.3f}  ({r['seconds']:.0f} s)", flush=True)
     if args.json:
-        meta = {"torch": torch.__version__, "machine": platform.machine(), "processor": platform.processor(),
-                "threads": args.threads, "settings": vars(args)}
-        with open(args.json, "w") as f:
-            json.dump({"meta": meta, "rows": rows}, f, indent=2)
+        out = Path(args.json)
+        write_results(out.stem, "token_context", environment(torch.device("cpu")), vars(args), rows, out.parent)
     return rows
 
 

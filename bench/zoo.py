@@ -332,9 +332,13 @@ def markdown(rows: List[Dict[str, object]], settings: Dict[str, object], machine
 
 
 def _write(tag: str, payload: Dict[str, object], out_dir: Optional[Path]) -> None:
-    from .common import write_json
+    """``zoo_<tag>.json`` (bench/results schema; ``machine`` and ``replaced_from`` extra keys)
+    and ``zoo_<tag>.md``."""
+    from .common import write_results
 
-    write_json(f"zoo_{tag}", payload, out_dir)
+    extra = {k: v for k, v in payload.items() if k not in ("schema", "benchmark", "environment", "settings", "rows")}
+    write_results(f"zoo_{tag}", "zoo", payload["environment"], payload["settings"], payload["rows"], out_dir,
+                  **extra)
     md = (out_dir or Path(__file__).resolve().parent / "results") / f"zoo_{tag}.md"
     md.write_text(markdown(payload["rows"], payload["settings"], payload["machine"]))
 
@@ -343,10 +347,12 @@ def render(paths: Sequence[str], tag: Optional[str], out_dir: Optional[str]) -> 
     """``--render``: the rows of ``paths[0]``, those of each later JSON replacing the rows of
     the same models (its settings noted in ``replaced_from``), flagged with
     :func:`flag_channels_last`, written as ``zoo_<tag>`` (default: the first file's name)."""
-    payload = json.loads(Path(paths[0]).read_text())
+    from .common import load_results
+
+    payload = load_results(paths[0])
     rows = payload["rows"]
     for extra in paths[1:]:
-        other = json.loads(Path(extra).read_text())
+        other = load_results(extra)
         names = {r["model"] for r in other["rows"]}
         rows = [r for r in rows if r["model"] not in names] + other["rows"]
         payload.setdefault("replaced_from", []).append(

@@ -1,10 +1,10 @@
 // Shared declarations of the contsup_fast native backend (torch.ops.contsup.*).
 //
-// The operator-level code in contsup_ops.cpp is device-agnostic: it checks arguments,
+// The operator-level code (op_*.cpp) is device-agnostic: it checks arguments,
 // computes the small per-channel quantities (BatchNorm scale/shift, closed-form
 // parameter gradients) with ATen ops on (C,)-sized tensors, and calls the heavy
 // "passes" declared below. Each pass exists twice, in namespace contsup::cpu
-// (contsup_ops.cpp, at::parallel_for loops) and contsup::cuda (contsup_ops_cuda.cu).
+// (cpu_*.cpp, at::parallel_for loops) and contsup::cuda (cuda_*.cu).
 //
 // Conventions of every pass:
 //   * feature maps are 4-D (N, C, H, W) with ARBITRARY strides (contiguous,

@@ -1,4 +1,4 @@
-// Test-only CUDA emulation: lets contsup_ops_cuda.cu compile as plain C++ (with
+// Test-only CUDA emulation: lets the CUDA passes (cuda_*.cu) compile as plain C++ (with
 // CONTSUP_CUDA_EMULATION defined, see csrc/cuda_emulation.cpp) so that its kernels --
 // indexing, tiling, shared-memory staging, synchronisation -- run on CPU tensors and can be
 // compared with the CPU kernels on machines without a GPU (tests/test_native_image_context.py).

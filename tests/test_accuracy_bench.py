@@ -10,6 +10,7 @@ import time
 import pytest
 
 from bench import accuracy as A
+from bench.common import validate
 
 pytestmark = pytest.mark.filterwarnings("ignore:.*differs from the official release")
 
@@ -20,8 +21,8 @@ def test_smoke_protocol_runs_summarises_and_plots(tiny_cifar, tmp_path):
             "--jobs", "2", "--threads", "1"]
     payload = A.main(argv)
     p = A.PRESETS["smoke"]
-    summary = payload["summary"]
-    assert set(summary) == set(p.variants)
+    summary = {r["variant"]: r for r in payload["rows"]}  # one row per variant: its summary
+    assert list(summary) == list(p.variants)
     for variant, s in summary.items():
         assert s["seeds_finished"] == p.seeds
         assert sorted(s["test_acc"]) == list(range(1, p.epochs + 1))
@@ -37,12 +38,13 @@ def test_smoke_protocol_runs_summarises_and_plots(tiny_cifar, tmp_path):
     args = payload["runs"]["R1E ramp"]["1"]["args"]
     assert args["context"] == "R1E" and args["context_gate"] == "ramp" and args["seed"] == 1
     saved = json.loads((out / "accuracy_smoke.json").read_text())
-    assert saved["protocol"]["name"] == "smoke" and "environment" in saved
+    assert validate(saved, allow_legacy=False) == "current" and saved["benchmark"] == "accuracy"
+    assert saved["settings"]["name"] == "smoke" and [r["variant"] for r in saved["rows"]] == list(p.variants)
     assert (out / "accuracy_smoke.png").stat().st_size > 0
     assert (out / "accuracy_smoke_loss.png").stat().st_size > 0
     # finished runs are not trained again; --report-only reads them back
     again = A.main(argv + ["--report-only"])
-    assert json.dumps(again["summary"], sort_keys=True) == json.dumps(summary, sort_keys=True)
+    assert json.dumps(again["rows"], sort_keys=True) == json.dumps(payload["rows"], sort_keys=True)
 
 
 def test_unknown_variant_is_refused(tiny_cifar, tmp_path):

@@ -3,6 +3,8 @@ import json
 
 import pytest
 
+from bench.common import validate
+
 
 def test_kernel_microbenchmark_quick(tmp_path, capsys):
     from bench import kernels
@@ -13,6 +15,7 @@ def test_kernel_microbenchmark_quick(tmp_path, capsys):
     assert "device-to-device copy" in out and "fwd_bwd_speedup_vs_eager" in out
     data = json.loads((tmp_path / "kernels_cpu_quick.json").read_text())
     assert data["environment"]["torch"] and len(data["rows"]) == len(rows) > 0
+    assert validate(data, allow_legacy=False) == "current" and data["benchmark"] == "kernels"
     assert all(r["fwd_us"] > 0 and r["fwd_bwd_us"] > 0 for r in rows)
 
 

@@ -182,4 +182,8 @@ def test_distributed_benchmark_quick(tmp_path, capsys):
     assert all(r.get("images_per_s", 0) > 0 for r in rows), rows
     assert rows[1]["stages"] == [2, 2] or sum(rows[1]["stages"]) == 4
     assert min(rows[1]["bytes_per_step"][:1]) > 0  # stage 0 sends h, y forward
-    assert (tmp_path / "distributed_cpu_quick.json").exists()
+    import json
+
+    from bench.common import validate
+    saved = json.loads((tmp_path / "distributed_cpu_quick.json").read_text())
+    assert validate(saved, allow_legacy=False) == "current" and saved["rows"][0]["mode"] == "single"

@@ -1,12 +1,15 @@
 """The package's layout: no import circles between its modules, and small files.
 
-Both checks read the source with :mod:`ast` (nothing is imported), so they are fast and cannot be
-fooled by lazy imports inside functions: every ``import``/``from ... import`` statement anywhere in
-a module counts as an edge.
+The circle check reads the source with :mod:`ast` (nothing is imported), so it is fast and cannot
+be fooled by lazy imports inside functions: every ``import``/``from ... import`` statement anywhere
+in a module counts as an edge. The size check covers every source file git tracks (Python, C++,
+CUDA, headers, shell scripts), wherever it lives.
 """
 from __future__ import annotations
 
 import ast
+import subprocess
+import sys
 from pathlib import Path
 from typing import Dict, List, Set
 
@@ -102,11 +105,39 @@ def test_no_import_circles_between_package_modules():
     assert _cycles(graph) == []
 
 
-def test_every_library_and_bench_file_is_at_most_600_lines():
-    long = {}
-    for folder in (PACKAGE, "bench", "scripts"):
-        for f in sorted((ROOT / folder).rglob("*.py")):
-            n = len(f.read_text().splitlines())
-            if n > MAX_LINES:
-                long[str(f.relative_to(ROOT))] = n
+#: what counts as a source file for the size limit
+SOURCE_SUFFIXES = (".py", ".cpp", ".cu", ".h", ".cuh", ".sh")
+
+
+def _tracked_sources() -> List[Path]:
+    """Every source file git tracks or would track (``git ls-files``, plus new files git does not
+    ignore: the library, kernels/, csrc/, scripts/, bench/, tests/, ...), or, outside a git
+    checkout, every such file under the root."""
+    try:
+        out = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"], cwd=ROOT, capture_output=True, check=True,
+                             timeout=60).stdout.decode()
+        files = [ROOT / f for f in out.split("\0") if f]
+    except (OSError, subprocess.SubprocessError):
+        files = [f for f in ROOT.rglob("*") if ".git" not in f.parts]
+    return sorted(f for f in files if f.suffix in SOURCE_SUFFIXES and f.is_file())
+
+
+def _over_limit(files: List[Path]) -> Dict[str, int]:
+    sizes = {str(f.relative_to(ROOT)): len(f.read_text(errors="replace").splitlines()) for f in files}
+    return {name: n for name, n in sizes.items() if n > MAX_LINES}
+
+
+def test_the_size_check_sees_every_kind_of_source_and_names_an_offender(tmp_path, monkeypatch):
+    sources = {str(f.relative_to(ROOT)) for f in _tracked_sources()}
+    for must in ("setup.py", "csrc/contsup_ops.h", "csrc/op_registration.cpp", "csrc/cuda_common.cuh",
+                 "csrc/cuda_image_context.cu", "scripts/setup.sh", "bench/common.py", "tests/test_layout.py"):
+        assert must in sources, must
+    monkeypatch.setattr(sys.modules[__name__], "ROOT", tmp_path)
+    (tmp_path / "long.cu").write_text("x\n" * (MAX_LINES + 1))
+    (tmp_path / "short.cu").write_text("x\n" * MAX_LINES)
+    assert _over_limit([tmp_path / "long.cu", tmp_path / "short.cu"]) == {"long.cu": MAX_LINES + 1}
+
+
+def test_every_tracked_source_file_is_at_most_600_lines():
+    long = _over_limit(_tracked_sources())
     assert long == {}, f"files over {MAX_LINES} lines (split them into modules with one job each): {long}"

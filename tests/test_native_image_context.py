@@ -358,8 +358,9 @@ def test_patch_moments_match_unfold_with_large_mean(shape):
 # ------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def emulated_cuda_ops():
-    """torch.ops.contsup_emu: contsup_ops.cpp + contsup_ops_cuda.cu compiled as C++ with the
-    CUDA emulation (built once per checkout under build/cuda_emulation, ~2 min)."""
+    """torch.ops.contsup_emu: every csrc/*.cpp (the operators, the CPU passes, and
+    cuda_emulation.cpp, which includes the cuda_*.cu passes) compiled as C++ with the CUDA
+    emulation (built once per checkout under build/cuda_emulation, a few minutes)."""
     import os
     from pathlib import Path
 
@@ -372,7 +373,7 @@ def emulated_cuda_ops():
     if not hasattr(torch.ops, "contsup_emu") or not hasattr(torch.ops.contsup_emu, "image_context"):
         os.environ.setdefault("MAX_JOBS", "2")
         cpp_extension.load(
-            name="contsup_cuda_emu", sources=[str(csrc / "contsup_ops.cpp"), str(csrc / "cuda_emulation.cpp")],
+            name="contsup_cuda_emu", sources=sorted(str(p) for p in csrc.glob("*.cpp")),
             extra_cflags=["-O1", "-DCONTSUP_CUDA_EMULATION", "-DCONTSUP_LIB=contsup_emu"],
             extra_include_paths=[str(csrc)], build_directory=str(build), is_python_module=False)
     return torch.ops.contsup_emu

@@ -5,6 +5,7 @@ import json
 import pytest
 
 from bench import zoo
+from bench.common import validate
 
 pytest.importorskip("torchvision")
 
@@ -32,6 +33,7 @@ def test_small_cnns_wrap_train_evaluate_and_export(tmp_path):
         assert by[(m, 2, "R0")]["saved_ratio"] < 1.0
     saved = json.loads((tmp_path / "zoo_t.json").read_text())
     assert saved["rows"] == rows and saved["environment"]["torch"] and "no GPU" in saved["machine"]
+    assert validate(saved, allow_legacy=False) == "current" and saved["benchmark"] == "zoo"
     table = (tmp_path / "zoo_t.md").read_text()
     assert all(f"| {m} | 32x32 |" in table for m in models)
     assert "refused: K=64 is larger than the number of splittable blocks" in table
@@ -83,4 +85,5 @@ def test_render_merges_later_rows_and_flags_channels_last(tmp_path):
     assert by[("swin", 2)]["status"] == expected
     saved = json.loads((tmp_path / "zoo_merged.json").read_text())
     assert saved["replaced_from"][0]["models"] == ["swin"]
+    assert validate(saved, allow_legacy=False) == "current"  # legacy inputs, written in the schema
     assert "| swin | 224x224 |" in (tmp_path / "zoo_merged.md").read_text()
