@@ -70,7 +70,7 @@ class _ArgSpec:
 
 
 class _Driver:
-    """Stand-in driver: Triton compiles for ``arch`` without a GPU (see tests/test_kernels_triton.py)."""
+    """Stand-in driver: Triton compiles for ``arch`` without a GPU (see tests/test_kernels_triton_build.py)."""
 
     def __new__(cls, arch: int):
         from triton.backends.compiler import GPUTarget
@@ -344,14 +344,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--strict", action="store_true",
                    help="exit 1 if a specialisation spills or a planned grid exceeds one wave")
     a = p.parse_args(argv)
-    from bench.common import environment, write_json
+    from bench.common import environment, write_results
 
     res = report(a.configs, a.arch, a.dtypes, a.layouts, a.modes, a.batch)
     print(table(res))
     for arch, s in res["summary"].items():
         print(f"{arch}: {s}")
-    path = write_json(a.name, {"environment": environment(torch.device("cpu")),
-                               "settings": vars(a), **res}, a.out)
+    path = write_results(a.name, "compile_report", environment(torch.device("cpu")), vars(a),
+                         res["rows"], a.out, summary=res["summary"])
     print(f"wrote {path}")
     bad = any(s["spilling"] or s["overfull_planned"] or s["not_resident"]
               for s in res["summary"].values())
