@@ -40,7 +40,11 @@ MODELS = {  # name: (image size, batch on GPU, batch on CPU)
     "resnet110": (32, 1024, 32),
     "resnet18": (224, 256, 8),
     "resnet50": (224, 128, 4),
+    "vit_b_16": (224, 64, 2),  # 12 encoder blocks: K <= 12 (named with --models, not by default)
+    "swin_t": (224, 64, 2),
 }
+#: the models of a run without --models (the CNNs: their K of 2..16 all exist)
+DEFAULT_MODELS = ("resnet32", "resnet110", "resnet18", "resnet50")
 
 
 def _optimizer(params) -> torch.optim.Optimizer:
@@ -207,7 +211,7 @@ def main(argv=None) -> List[dict]:
     args = p.parse_args(argv)
     device = torch.device(args.device)
     quick = args.quick
-    models = args.models or (["resnet32"] if quick else list(MODELS))
+    models = args.models or (["resnet32"] if quick else list(DEFAULT_MODELS))
     Ks = args.K or ([4, 16] if quick else [2, 4, 8, 16])
     contexts = args.contexts or (["R0", "R1E"] if quick else ["R0", "E", "R1", "R1E"])
     backends = args.backends or available_backends(device)

@@ -34,10 +34,14 @@ from ._common import (FLOAT_DTYPES, acc_dtype, add_base, bn_fold, check_sequence
 MAX_TERMS = 3  # context terms fused into one apply launch
 
 
-def _grad_warps(block_c: int, block_k: int) -> int:
+def _grad_warps(block_c: int, block_k: int, two_byte_channels_last: bool = False) -> int:
     """Warps of ``_ctx_grad_kernel``: 8 for (64, >= 32) tiles (at 4 they sit at 255 registers
-    in fp32 on sm_90), else 4 (8 warps spill on (16, 16) bf16 tiles). Measured with
+    in fp32 on sm_90), else 4 (8 warps spill on (16, 16) bf16 tiles); but 4 for 16-bit (64, 64)
+    tiles of a channels-last context (at 8, ptxas holds them to 128 registers on sm_80 and
+    spills 40 B; with NCHW strides 4 warps spill 40-336 B, 8 do not). Measured with
     ``python -m contsup_fast.kernels.compile_report`` (docs/gpu-validation.md)."""
+    if two_byte_channels_last and block_c * block_k >= 64 * 64:
+        return 4
     return 8 if block_c * block_k >= 64 * 32 else 4
 
 
@@ -283,7 +287,8 @@ def _grad_sums(grad_out: Tensor, c: Tensor, w_dot: Tensor, bn: Tensor,
     ct, kt = triton.cdiv(C, block_c), triton.cdiv(CR, block_k)
     sh, sw = int(c.shape[2]) // HO, int(c.shape[3]) // WO
     meta = dict(FP64=acc == torch.float64, BLOCK_C=block_c, BLOCK_K=block_k, BLOCK_Q=block_q,
-                PREC=prec, UPCAST=upcast, num_warps=_grad_warps(block_c, block_k))
+                PREC=prec, UPCAST=upcast,
+                num_warps=_grad_warps(block_c, block_k, c.element_size() == 2 and c.stride(1) == 1))
     args = [grad_out, *strides4(grad_out), C, HO, WO, Q, block_q, c, *strides4(c), CR, w_dot, bn,
             center, sh, sw, acc, acc]  # acc: the partial buffers, allocated below
     G, D = launch_split_sums(_ctx_grad_kernel, args, meta, Q, block_q, (ct, kt), C, CR, acc,

@@ -21,7 +21,9 @@
    per thread (``cuobjdump --dump-resource-usage``), shared memory, warps, the MMA
    instructions in the PTX, theoretical occupancy (:func:`kernels.occupancy.blocks_per_sm`),
    and for grids planned from the SM count (split reductions, persistent programs) whether
-   they fit the resident blocks (one wave). Writes JSON and prints a table.
+   they fit the resident blocks (one wave). Writes JSON (schema ``contsup_fast.bench/1``, with
+   the per-arch ``summary``) and prints a table; ``--render JSON`` prints the Markdown tables
+   of a written report (docs/gpu-validation.md).
 
 Raises ``RuntimeError`` under ``TRITON_INTERPRET=1`` (nothing is compiled there).
 """
@@ -42,7 +44,7 @@ import torch
 from . import _common
 from .occupancy import GPUS, blocks_per_sm
 
-__all__ = ["CONFIGS", "Recorder", "record_step", "compile_launches", "report", "main"]
+__all__ = ["CONFIGS", "Recorder", "record_step", "compile_launches", "report", "table", "markdown", "main"]
 
 #: name -> (model, K, batch, image size)
 CONFIGS = {
@@ -70,7 +72,7 @@ class _ArgSpec:
 
 
 class _Driver:
-    """Stand-in driver: Triton compiles for ``arch`` without a GPU (see tests/test_kernels_triton.py)."""
+    """Stand-in driver: Triton compiles for ``arch`` without a GPU (see tests/test_kernels_triton_build.py)."""
 
     def __new__(cls, arch: int):
         from triton.backends.compiler import GPUTarget
@@ -331,6 +333,44 @@ def table(result: dict) -> str:
     return format_table([dict(zip(head, line)) for line in lines], list(head))
 
 
+def _md(head: Sequence[str], lines: List[Sequence[str]]) -> str:
+    return "\n".join(["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+                     + ["| " + " | ".join(map(str, line)) + " |" for line in lines])
+
+
+def _span(values: List[int]) -> str:
+    return f"{min(values)}-{max(values)}"
+
+
+def markdown(result: dict) -> str:
+    """Markdown tables of a report (as :func:`report` returns it or as its JSON holds it): per
+    arch and dtype (a specialisation counts under each dtype whose steps launched it), then per
+    arch and kernel."""
+    rows = result["rows"]
+    by_dtype = []
+    for arch in sorted({r["arch"] for r in rows}, reverse=True):
+        for dt in DTYPES:
+            mine = [r for r in rows if r["arch"] == arch and any(w.split("/")[1] == dt for w in r["where"])]
+            if mine:
+                by_dtype.append((arch, dt, len(mine), sum(r["spill_bytes"] > 0 for r in mine),
+                                 max(r["spill_bytes"] for r in mine),
+                                 sum(bool(r["overfull_planned_grids"]) for r in mine),
+                                 sum(r["blocks"] == 0 for r in mine)))
+    by_kernel = []
+    for arch in sorted({r["arch"] for r in rows}, reverse=True):
+        for name in sorted({r["kernel"] for r in rows if r["arch"] == arch}):
+            mine = [r for r in rows if r["arch"] == arch and r["kernel"] == name]
+            by_kernel.append((arch, f"`{name}`", len(mine), sum(r["spill_bytes"] > 0 for r in mine),
+                              max(r["spill_bytes"] for r in mine), _span([r["registers"] for r in mine]),
+                              _span([r["blocks"] for r in mine]),
+                              f"{max(r['shared'] for r in mine) / 1024:.0f}", _span([r["mma"] for r in mine]),
+                              sum(bool(r["overfull_planned_grids"]) for r in mine)))
+    return (_md(("arch", "dtype", "specialisations", "spilling", "max spill B",
+                 "SM-planned grids over one wave", "not resident"), by_dtype) + "\n\n"
+            + _md(("arch", "kernel", "specialisations", "spilling", "max spill B", "registers", "blocks/SM",
+                   "max smem KB", "MMA (static)", "SM-planned grids over one wave"), by_kernel))
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     p = argparse.ArgumentParser(prog="compile_report", description=__doc__.splitlines()[0])
     p.add_argument("--arch", nargs="+", default=["sm_90", "sm_80"], choices=sorted(GPUS))
@@ -343,15 +383,23 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--name", default="compile_report", help="JSON file name (without .json)")
     p.add_argument("--strict", action="store_true",
                    help="exit 1 if a specialisation spills or a planned grid exceeds one wave")
+    p.add_argument("--render", default=None, metavar="JSON",
+                   help="print the Markdown tables of a written report and exit (compiles nothing)")
     a = p.parse_args(argv)
-    from bench.common import environment, write_json
+    if a.render:
+        import json
+
+        with open(a.render) as f:
+            print(markdown(json.load(f)))
+        return 0
+    from bench.common import environment, write_results
 
     res = report(a.configs, a.arch, a.dtypes, a.layouts, a.modes, a.batch)
     print(table(res))
     for arch, s in res["summary"].items():
         print(f"{arch}: {s}")
-    path = write_json(a.name, {"environment": environment(torch.device("cpu")),
-                               "settings": vars(a), **res}, a.out)
+    path = write_results(a.name, "compile_report", environment(torch.device("cpu")), vars(a),
+                         res["rows"], a.out, summary=res["summary"])
     print(f"wrote {path}")
     bad = any(s["spilling"] or s["overfull_planned"] or s["not_resident"]
               for s in res["summary"].values())

@@ -13,7 +13,11 @@
 #                run starts from known resource figures (JSON in bench/compile_report/)
 #   1. build     the extension in place for sm_90 (setup.py build_ext --inplace, no network),
 #                in parallel with `data`: unpack the CIFAR-10 pack carried in .gpuval/cifar10
-#   2. check     python -m contsup_fast.check (every backend vs the float64 reference)
+#   2. check     python -m contsup_fast.check (every backend vs the float64 reference), then
+#      parity    python -m bench.parity --against-torch: LocalSequential training steps (ResNet-32
+#                and ResNet-110, every context kind) on each fused backend and on the torch
+#                backend, in fp32 (TF32 off) and bf16, each against the torch backend in float64
+#                (JSON bench/parity_backends_cuda.json; no authors' code needed), while 3 runs
 #   3. accuracy  in the background, the real training CLI (python -m contsup_fast.train) on
 #                CIFAR-10 for ResNet-32: E2E (K=1), K=16 R0, E, R1, R1E (ce), R1E (supcon); same
 #                seed and recipe, --amp bf16 --channels-last, the same EPOCHS for every row,
@@ -28,7 +32,11 @@
 #   7. reference   the same configurations through the reference ContSup code
 #                (github.com/Tab-ct/ContSup, carried in .gpuval/ContSup, never committed) on the
 #                same inputs in fp32: python -m bench.reference_contsup, with the ratio to 6
-#   8. kernels   python -m bench.kernels at batch 1024 in bf16 (two invocations: residual and
+#   8. transformers  python -m bench.train_step for vit_b_16 and swin_t (224x224, batch 64, bf16):
+#                K=4 R0 and R1E against E2E eager and checkpointing, true peak (mem_vs_e2e) and
+#                saved peak (saved_vs_e2e) against E2E; one invocation per model, JSON and plot in
+#                bench/train_step-<model>/
+#   9. kernels   python -m bench.kernels at batch 1024 in bf16 (two invocations: residual and
 #                image_context, then image_tail, head_pool and gap; each JSON in bench/kernels-<op>/)
 # Then a summary table (last lines of the output). Results: one folder packed as one tarball;
 # under $OUT only gpuval-results.tar.gz and summary.txt (the device tool returns at most 8 files).
@@ -50,7 +58,7 @@
 # HOW TO COMMIT THE RESULTS (later session)
 #     mkdir -p /tmp/gpuval && tar -xzf <files_at>/gpuval-results.tar.gz -C /tmp/gpuval
 #     cp /tmp/gpuval/gpuval/bench/*.json bench/results/
-#     for m in resnet32 resnet110; do for f in /tmp/gpuval/gpuval/bench/train_step-$m/train_step_cuda.*; do
+#     for m in resnet32 resnet110 vit_b_16 swin_t; do for f in /tmp/gpuval/gpuval/bench/train_step-$m/train_step_cuda.*; do
 #       cp $f bench/results/train_step_cuda_$m.${f##*.}; done; done
 #     for d in /tmp/gpuval/gpuval/bench/kernels-*; do cp $d/kernels_cuda.json bench/results/kernels_cuda_${d##*-}.json; done
 #     cp /tmp/gpuval/gpuval/summary.txt bench/results/gpuval_summary_h200.txt
@@ -102,12 +110,12 @@ DATA=$WORK/cifar10
 CARRY=${GPUVAL_CARRY:-$ROOT/.gpuval}  # the carried folder: cifar10/ pack, ContSup/ reference
 # nominal budgets in seconds (phases after the accuracy runs get what is left of TOTAL)
 if [ $DRY = 1 ]; then
-  B_CR=120 B_DATA=30 B_BUILD=0 B_ACC=150 B_CHECK=120 B_TESTS=120 B_MEM=0 B_RACE=0 B_SAN=120 B_STEP=150 B_REF=60 B_KER=120
+  B_CR=120 B_DATA=30 B_BUILD=0 B_ACC=150 B_CHECK=120 B_PAR=120 B_TESTS=120 B_MEM=0 B_RACE=0 B_SAN=120 B_STEP=60 B_REF=40 B_TFM=90 B_KER=60
 else
-  B_CR=200 B_DATA=90 B_BUILD=200 B_ACC=230 B_CHECK=90 B_TESTS=220 B_MEM=140 B_RACE=100 B_SAN=0 B_STEP=110 B_REF=45 B_KER=75
+  B_CR=200 B_DATA=90 B_BUILD=200 B_ACC=230 B_CHECK=90 B_PAR=120 B_TESTS=220 B_MEM=140 B_RACE=100 B_SAN=0 B_STEP=95 B_REF=40 B_TFM=60 B_KER=60
 fi
 B_PACK=10
-POST=$((B_STEP + B_REF + B_KER + B_PACK))  # kept free after the accuracy phase
+POST=$((B_STEP + B_REF + B_TFM + B_KER + B_PACK))  # kept free after the accuracy phase
 export DRY PY DATA CARRY RES ROWS EPOCHS
 
 now() { echo $(( $(date +%s) - T0 )); }
@@ -278,7 +286,13 @@ sanitize() {
 }
 export -f gpu_tests sanitize
 if [ $DRY = 1 ]; then
-  (phase check "$(fit $B_CHECK $ALONG)" "$PY" -m contsup_fast.check --no-timing) &
+  PAR_ARGS=(--device cpu --dtypes fp32 --only "resnet32 K=4 R1E" --batch 2)
+else
+  PAR_ARGS=(--device cuda --dtypes fp32 bf16 --batch 32)
+fi
+if [ $DRY = 1 ]; then
+  (phase check "$(fit $B_CHECK $ALONG)" "$PY" -m contsup_fast.check --no-timing
+   phase parity "$(fit $B_PAR $ALONG)" "$PY" -m bench.parity --against-torch "${PAR_ARGS[@]}" --out "$RES/bench") &
   P_CHECK=$!
   (phase gpu-tests "$(fit $B_TESTS $ALONG)" gpu_tests) &
   P_TESTS=$!
@@ -286,7 +300,8 @@ if [ $DRY = 1 ]; then
    phase sanitize-step-cpu "$(fit $B_SAN $ALONG)" "$PY" scripts/gpuval_sanitize_step.py --device cpu --dtypes fp32) &
   P_SAN=$!
 else
-  (phase check "$(fit $B_CHECK $ALONG)" "$PY" -m contsup_fast.check) &
+  (phase check "$(fit $B_CHECK $ALONG)" "$PY" -m contsup_fast.check
+   phase parity "$(fit $B_PAR $ALONG)" "$PY" -m bench.parity --against-torch "${PAR_ARGS[@]}" --out "$RES/bench") &
   P_CHECK=$!
   (phase gpu-tests "$(fit $B_TESTS $ALONG)" gpu_tests) &
   P_TESTS=$!
@@ -301,34 +316,42 @@ wait $P_CHECK $P_TESTS $P_SAN $CR_PID
 if [ $DRY = 1 ]; then
   STEP_MODELS=resnet32
   STEP_ARGS=(--quick --K 4 --contexts R1E --backends torch --batch 4 --steps 1 --warmup 0 --no-compile)
+  # swin_t only: a ViT-B/16 step at 224x224 takes about 9 s on a 2-core CPU
+  TFM_MODELS=swin_t
+  TFM_ARGS=(--K 4 --contexts R1E --backends torch --batch 2 --steps 1 --warmup 0 --no-compile)
   REF_ARGS=(--models resnet32 --K 16 --contexts R0 --batch 4 --steps 1 --warmup 0 --device cpu)
   KER_ARGS=(--quick --batches 4 --dtypes fp32 --backends native)
   DEV=cpu
 else
   STEP_MODELS="resnet32 resnet110"
   STEP_ARGS=(--K 16 --contexts R0 R1E --warmup 3 --steps 10)
+  # the fused ops are the CNN boundaries' (token boundaries run torch code on every backend)
+  TFM_MODELS="vit_b_16 swin_t"
+  TFM_ARGS=(--K 4 --contexts R0 R1E --backends torch --warmup 2 --steps 5 --no-compile)
   REF_ARGS=(--models resnet32 resnet110 --K 16 --contexts R0 R1E --warmup 2 --steps 5)
   KER_ARGS=(--batches 1024 --dtypes bf16)
   DEV=cuda
 fi
-# one invocation per model, so that a budget overrun keeps the first model's JSON
+# train_step "MODELS" ARGS...: one invocation per model, so that a budget overrun keeps the
+# first model's JSON
 train_step() {
-  local rc=0 model
-  for model in $STEP_MODELS; do
+  local rc=0 model models=$1
+  shift
+  for model in $models; do
     "$PY" -m bench.train_step --models "$model" "$@" --out "$RES/bench/train_step-$model" || rc=$?
   done
   return $rc
 }
 export -f train_step
-export STEP_MODELS
-phase train-step "$(fit $B_STEP $((B_REF + B_KER + B_PACK)))" train_step "${STEP_ARGS[@]}"
+phase train-step "$(fit $B_STEP $((B_REF + B_TFM + B_KER + B_PACK)))" train_step "$STEP_MODELS" "${STEP_ARGS[@]}"
 STEP_JSON=$(ls "$RES"/bench/train_step-*/train_step_*.json 2>/dev/null)
 if [ -f "$CARRY/ContSup/networks_dev/resnet.py" ]; then
-  phase reference "$(fit $B_REF $((B_KER + B_PACK)))" "$PY" -m bench.reference_contsup --ref-dir "$CARRY/ContSup" "${REF_ARGS[@]}" \
+  phase reference "$(fit $B_REF $((B_TFM + B_KER + B_PACK)))" "$PY" -m bench.reference_contsup --ref-dir "$CARRY/ContSup" "${REF_ARGS[@]}" \
     ${STEP_JSON:+--compare $STEP_JSON} --out "$RES/bench"
 else
   skip reference "reference ContSup not found at .gpuval/ContSup (run scripts/gpuval-prepare.sh and carry .gpuval)"
 fi
+phase transformers "$(fit $B_TFM $((B_KER + B_PACK)))" train_step "$TFM_MODELS" "${TFM_ARGS[@]}"
 # two invocations, so that a budget overrun keeps the first group's JSON (bench.kernels writes at its end)
 kernels() {
   local rc=0 group

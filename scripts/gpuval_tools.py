@@ -110,6 +110,8 @@ def _phase_note(res: Path, phase: Dict[str, str]) -> str:
     if name in ("memcheck", "racecheck"):
         return (_tail_match(text, r"(ERROR SUMMARY: .*|RACECHECK SUMMARY: .*)") or
                 _tail_match(text, r"(sanitize step ok: .*|sanitize step FAILED .*)") or "")
+    if name == "parity":
+        return _tail_match(text, r"^(\d+/\d+ MATCH .*)$") or ""
     if name == "build":
         return _tail_match(text, r"(built contsup_fast\._C .*|extension: .*)") or ""
     return _tail_match(text, r"^(skipped: .*)$") or ""
@@ -177,7 +179,7 @@ def summary(res: Path) -> str:
     if steps:
         out += ["", "== train step (vs E2E eager of the same model)",
                 _table(steps, ["model", "method", "K", "context", "backend", "img_s", "mem_MiB",
-                               "speed_vs_e2e", "mem_vs_e2e"])]
+                               "speed_vs_e2e", "mem_vs_e2e", "saved_vs_e2e"])]
     if ref:
         out += ["", "== reference ContSup scripts (fp32)",
                 _table(ref, ["model", "K", "context", "batch", "img_s", "mem_MiB"])]

@@ -43,6 +43,9 @@ def test_core_specialisations_compile_for_sm90_without_spills(tmp_path):
         pytest.skip("compiling the core sm_90 specialisations took over 300 s (machine overloaded)")
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     result = json.loads((tmp_path / "core.json").read_text())
+    from bench.common import validate
+
+    assert validate(result, allow_legacy=False) == "current" and result["benchmark"] == "compile_report"
     rows = result["rows"]
     names = {r["kernel"] for r in rows}
     # every boundary op's kernels were recorded from the step
@@ -71,3 +74,22 @@ def test_blocks_per_sm_follows_the_cuda_allocation_rules():
     assert blocks_per_sm(32, 96 * 1024, 4, a100)["blocks"] == 1  # of 164
     assert blocks_per_sm(16, 0, 1, h100)["blocks"] == 32  # the block limit
     assert blocks_per_sm(32, 0, 16, h100)["by_warps"] == 4
+
+
+def test_markdown_tables_count_per_dtype_and_kernel():
+    """The tables of docs/gpu-validation.md (``--render``): a specialisation counts under every
+    dtype whose steps launched it; spills, over-one-wave grids and ranges per kernel."""
+    from contsup_fast.kernels.compile_report import markdown
+
+    def row(kernel, where, spill, regs, overfull=()):
+        return {"arch": "sm_80", "kernel": kernel, "where": where, "spill_bytes": spill, "registers": regs,
+                "blocks": 1, "shared": 2048, "mma": 4, "overfull_planned_grids": list(overfull)}
+
+    rows = [row("_a", ["resnet32/bf16/nhwc/train", "resnet32/fp16/nhwc/train"], 0, 100),
+            row("_a", ["resnet50/bf16/nchw/train"], 40, 128, [(200, 1, 1)]),
+            row("_b", ["resnet32/fp32/nchw/eval"], 8, 255)]
+    text = markdown({"rows": rows})
+    assert "| sm_80 | bf16 | 2 | 1 | 40 | 1 | 0 |" in text
+    assert "| sm_80 | fp16 | 1 | 0 | 0 | 0 | 0 |" in text
+    assert "| sm_80 | fp32 | 1 | 1 | 8 | 0 | 0 |" in text
+    assert "| sm_80 | `_a` | 2 | 1 | 40 | 100-128 | 1-1 | 2 | 4-4 | 1 |" in text

@@ -44,17 +44,20 @@ def test_dry_run_runs_every_phase_and_packs_results(tmp_path):
               "gpuval/accuracy/e2e_K1/log.json", "gpuval/accuracy/R1E_supcon_K16/log.json",
               "gpuval/bench/train_step-resnet32/train_step_cpu_quick.json", "gpuval/bench/kernels-residual/kernels_cpu_quick.json",
               "gpuval/bench/kernels-image_tail/kernels_cpu_quick.json",
-              "gpuval/bench/compile_report/compile_report.json"]:
+              "gpuval/bench/compile_report/compile_report.json", "gpuval/bench/parity_backends_cpu.json",
+              "gpuval/bench/train_step-swin_t/train_step_cpu.json"]:
         assert f in names, f
     assert not any(n.endswith(".pt") for n in names)
     status = {line.split("\t")[0]: line.split("\t")[1] for line in phases.splitlines()}
     assert status["build"] == status["memcheck"] == status["racecheck"] == "skipped"
     assert status["reference"] == "skipped"
-    for name in ("compile-report", "data", "check", "accuracy", "gpu-tests", "sanitize-step-cpu", "train-step", "kernels"):
+    for name in ("compile-report", "data", "check", "parity", "accuracy", "gpu-tests", "sanitize-step-cpu", "train-step",
+                 "transformers", "kernels"):
         assert status[name] == "ok", (name, status)
     summary = (out / "summary.txt").read_text()
     assert "skipped: no GPU" in summary and "== accuracy" in summary and "== train step" in summary
     assert "== fused ops" in summary and "image_context" in summary and "gap" in summary
+    assert "swin_t" in summary and "MATCH" in summary
     assert summary.strip().splitlines()[-1] in text  # the summary is the end of the output
 
 

@@ -6,7 +6,7 @@ error messages.
 
 Runs on CUDA, or on the CPU in Triton's interpreter (``TRITON_INTERPRET=1``, as in CI); shapes
 are tiny because the interpreter is slow. Helpers (input maker, tolerances) are shared with
-``test_kernels_triton.py``.
+``test_kernels_triton.py`` (``_triton_helpers.py``).
 """
 import copy
 import importlib
@@ -14,19 +14,9 @@ import importlib
 import pytest
 import torch
 
-from test_kernels_triton import (DEVICE, GTOL, INTERPRETED, K, Maker, assert_close,  # noqa: F401
-                                 assert_grads, assert_stats, memory_format_ok, ref, up)
-
-LOW = (torch.float32, torch.bfloat16, torch.float16)
-
-
-@pytest.fixture(autouse=True)
-def _no_tf32():
-    """Full fp32 dots (the kernels follow cudnn.allow_tf32 like a convolution would)."""
-    old = torch.backends.cudnn.allow_tf32
-    torch.backends.cudnn.allow_tf32 = False
-    yield
-    torch.backends.cudnn.allow_tf32 = old
+from _triton_helpers import (DEVICE, INTERPRETED, LOW, K, Maker, assert_close, assert_grads,
+                             assert_stats, memory_format_ok, ref, up)
+from _triton_helpers import no_tf32  # noqa: F401 (autouse fixture: full fp32 dots)
 
 
 def conv_weight(mk, C, CI, dtype, round_to=None, grad=True):

@@ -6,11 +6,7 @@ Runs on CUDA, or on the CPU in Triton's interpreter (``TRITON_INTERPRET=1``, as 
 shapes are tiny because the interpreter is slow.
 """
 import copy
-import importlib
-import importlib.util
 import os
-import pathlib
-import sys
 
 import pytest
 import torch
@@ -19,131 +15,10 @@ pytestmark = pytest.mark.skipif(
     not (os.environ.get("TRITON_INTERPRET") == "1" or torch.cuda.is_available()),
     reason="Triton kernels need CUDA or TRITON_INTERPRET=1")
 
-pytest.importorskip("triton")
-
-ROOT = pathlib.Path(__file__).resolve().parents[1]
-
-
-def _load_kernels():
-    """``contsup_fast.kernels``; before ``pip install -e`` maps it, load ``kernels/`` under
-    that name (never as a top-level ``kernels``)."""
-    try:
-        return importlib.import_module("contsup_fast.kernels")
-    except ImportError:
-        pass
-    if importlib.util.find_spec("contsup_fast") is None:
-        sys.path.insert(0, str(ROOT))
-    spec = importlib.util.spec_from_file_location(
-        "contsup_fast.kernels", ROOT / "kernels" / "__init__.py",
-        submodule_search_locations=[str(ROOT / "kernels")])
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules["contsup_fast.kernels"] = mod
-    spec.loader.exec_module(mod)
-    return mod
-
-
-K = _load_kernels()
-from contsup_fast.fused import reference as ref  # noqa: E402
-
-OK, WHY = K.is_available()
-if not OK:
-    pytest.skip(f"contsup_fast.kernels unavailable: {WHY}", allow_module_level=True)
-
-INTERPRETED = K._common.INTERPRETED
-DEVICE = torch.device("cpu" if INTERPRETED else "cuda")
-LOW = (torch.float32, torch.bfloat16, torch.float16)
-LAYOUTS = ("contiguous", "channels_last")
-# (rtol, atol) of values O(1) vs. a float64 reference on the same (rounded) inputs
-TOL = {torch.float64: (1e-9, 1e-9), torch.float32: (1e-4, 1e-4),
-       torch.float16: (5e-3, 5e-3), torch.bfloat16: (3e-2, 3e-2)}
-# relative-norm tolerance of gradients (sums over pixels; relu-mask flips near 0 in 16 bit)
-GTOL = {torch.float64: 1e-9, torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 5e-2}
-STAT_TOL = {torch.float64: (1e-9, 1e-9)}  # statistics accumulate in fp32 for other dtypes
-
-
-@pytest.fixture(autouse=True)
-def _no_tf32():
-    """Full fp32 dots (the kernels follow cudnn.allow_tf32 like a convolution would)."""
-    old = torch.backends.cudnn.allow_tf32
-    torch.backends.cudnn.allow_tf32 = False
-    yield
-    torch.backends.cudnn.allow_tf32 = old
-
-
-# ------------------------------------------------------------------------------ helpers
-class Maker:
-    def __init__(self, seed=0):
-        self.gen = torch.Generator().manual_seed(seed)
-
-    def act(self, shape, dtype, layout="contiguous", offset=0.0, grad=False):
-        x = (torch.randn(shape, generator=self.gen, dtype=torch.float64) + offset).to(dtype)
-        if layout == "channels_last":
-            x = x.contiguous(memory_format=torch.channels_last)
-        return x.to(DEVICE).requires_grad_(grad)
-
-    def vec(self, C, kind, dtype=torch.float32, grad=False):
-        r = torch.randn(C, generator=self.gen, dtype=torch.float64)
-        v = {"gamma": 1.0 + 0.5 * r, "beta": 0.5 * r, "mean": 0.3 * r,
-             "var": 0.5 + torch.rand(C, generator=self.gen, dtype=torch.float64)}[kind]
-        return v.to(dtype).to(DEVICE).requires_grad_(grad)
-
-    def weight(self, C, CR, dtype=torch.float32, grad=True, round_to=None):
-        """Conv weight; ``round_to``: values representable in that (activation) dtype, as the
-        kernels round the weight to the dot dtype like an autocast convolution."""
-        w = torch.randn(C, CR, 1, 1, generator=self.gen, dtype=torch.float64) / CR ** 0.5
-        if round_to is not None:
-            w = w.to(round_to).double()
-        return w.to(dtype).to(DEVICE).requires_grad_(grad)
-
-
-def up(t):
-    """float64 copy of the same values (a fresh leaf with the same requires_grad)."""
-    if t is None:
-        return None
-    return t.detach().double().requires_grad_(t.requires_grad)
-
-
-def assert_close(actual, expected, dtype, what):
-    rtol, atol = TOL[dtype]
-    torch.testing.assert_close(actual.double(), expected.double(), rtol=rtol, atol=atol,
-                               msg=lambda m: f"{what} ({dtype}): {m}")
-
-
-def assert_stats(actual, expected, dtype, what):
-    rtol, atol = STAT_TOL.get(dtype, (1e-4, 1e-4))
-    acc = torch.float64 if dtype == torch.float64 else torch.float32
-    assert actual.dtype == acc, f"{what}: dtype {actual.dtype}, expected {acc}"
-    torch.testing.assert_close(actual.double(), expected.double(), rtol=rtol, atol=atol,
-                               msg=lambda m: f"{what} ({dtype}): {m}")
-
-
-def assert_bn_outputs(outs, outs_ref, running, dtype, training, what):
-    """``(out, mean, var)`` of a BatchNorm op vs. the reference: ``out`` within TOL; the batch
-    statistics in training, the ``running`` (mean, var) buffers themselves in eval."""
-    (out, mean, var), (out_ref, mean_ref, var_ref) = outs, outs_ref
-    assert_close(out, out_ref, dtype, what)
-    if training:
-        assert_stats(mean, mean_ref, dtype, "mean")
-        assert_stats(var, var_ref, dtype, "var")
-    else:
-        assert mean is running[0] and var is running[1]
-
-
-def assert_grads(out, out_ref, leaves, leaves_ref, dtype, names, gen):
-    go = torch.randn(out_ref.shape, generator=gen, dtype=torch.float64).to(out.dtype).to(out.device)
-    grads = torch.autograd.grad(out, leaves, go, retain_graph=True)
-    grads_ref = torch.autograd.grad(out_ref, leaves_ref, go.double())  # same (rounded) values
-    for g, gr, leaf, name in zip(grads, grads_ref, leaves, names):
-        assert g.dtype == leaf.dtype and g.shape == leaf.shape, name
-        err = (g.double() - gr).norm().item() / max(gr.norm().item(), 1e-12)
-        assert err <= GTOL[dtype], f"grad {name} ({dtype}): relative error {err:.2e}"
-    return grads
-
-
-def memory_format_ok(t, like):
-    if like.is_contiguous():
-        return t.is_contiguous()
-    return t.is_contiguous(memory_format=torch.channels_last)
+from _triton_helpers import (DEVICE, INTERPRETED, LAYOUTS, LOW, OK, WHY, K, Maker,  # noqa: E402
+                             assert_bn_outputs, assert_close, assert_grads, assert_stats,
+                             memory_format_ok, ref, up)
+from _triton_helpers import no_tf32  # noqa: E402,F401 (autouse fixture: full fp32 dots)
 
 
 # ------------------------------------------------------------------------------ residual
@@ -564,96 +439,6 @@ def test_is_available_and_ops_registered():
     for name in ("residual_context", "image_context_tail", "bn_relu_gap", "global_avg_pool"):
         assert hasattr(torch.ops.contsup_triton, name)
         assert hasattr(torch.ops.contsup_triton, name + "_backward")
-
-
-# ------------------------------------------------------------------------------ sm_90 build
-_SM90_SCRIPT = r"""
-import importlib, importlib.util, sys
-import torch
-try:  # a stand-in driver: compile for an H100 (sm_90) without a GPU
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.backends.nvidia.driver import CudaDriver
-
-    class _Driver(CudaDriver):
-        def __init__(self):
-            pass
-
-        def get_current_target(self):
-            return GPUTarget("cuda", 90, 32)
-
-        def get_current_device(self):
-            return 0
-
-        def get_current_stream(self, device=None):
-            return 0
-
-    triton.runtime.driver.set_active(_Driver())
-except Exception as exc:
-    print("setup failed:", exc)
-    sys.exit(77)
-root = sys.argv[1]
-sys.path.insert(0, root)
-try:
-    importlib.import_module("contsup_fast.kernels")
-except ImportError:
-    spec = importlib.util.spec_from_file_location(
-        "contsup_fast.kernels", root + "/kernels/__init__.py",
-        submodule_search_locations=[root + "/kernels"])
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules["contsup_fast.kernels"] = mod
-    spec.loader.exec_module(mod)
-from contsup_fast.kernels import _bn_kernels, _common, _head_pool, _image_tail, _residual
-assert not _common.INTERPRETED
-built = set()
-
-def warmup(kernel, grid, *args, **meta):  # compile (TTIR .. PTX .. cubin), do not launch
-    kernel.warmup(*args, grid=grid, **meta)
-    built.add((kernel.fn.__name__, tuple(sorted(meta.items()))))
-
-_bn_kernels.launch = _residual.launch = _common.launch = warmup  # _common: launch_split_sums
-for dt in (torch.float32, torch.bfloat16, torch.float64):  # fp16 compiles as bf16 does
-    p = torch.float64 if dt == torch.float64 else torch.float32
-    vec = lambda: torch.rand(24, dtype=p) + 0.5
-    h = torch.randn(2, 24, 4, 4, dtype=dt)
-    z = torch.randn(2, 24, 8, 8, dtype=dt)
-    cs = [torch.randn(2, 40, 8, 8, dtype=dt), torch.randn(2, 24, 4, 4, dtype=dt)]
-    ws = [torch.randn(24, c.shape[1], dtype=p) for c in cs]
-    for tr in (True, False):
-        run = [] if tr else [vec(), vec()]
-        out, m, v, cm, cv = _residual._residual_context_fwd(
-            h, cs, ws, [vec(), vec()], [vec(), vec()], [vec(), vec()], run, run, tr, 1e-5)
-        _residual._residual_context_bwd(h, cs, ws, [vec(), vec()], [vec(), vec()], [vec(), vec()],
-                                        m, v, cm, cv, tr, 1e-5)
-        _, m, v = _image_tail._fwd(h, z, vec(), vec(), vec(), vec(), tr, 1e-5)
-        _image_tail._bwd(h, z, vec(), vec(), m, v, tr, 1e-5)
-        pooled, m, v = _head_pool._gap_fwd(z, vec(), vec(), vec(), vec(), tr, 1e-5)
-        _head_pool._gap_bwd(pooled, z, vec(), vec(), m, v, tr, 1e-5)
-    _head_pool._avg_fwd(h)
-    _head_pool._avg_bwd(pooled, 8, 8, True)
-print("built", len(built), "kernel variants for sm_90")
-"""
-
-
-def test_kernels_build_for_sm90():
-    """Every kernel variant the small ops launch (fp32/bf16/fp64, train/eval) compiles to an
-    sm_90 cubin with Triton's bundled ptxas -- no GPU needed. (fp16 takes bf16's code paths;
-    the model-sized launches are compiled by tests/test_compile_report.py.) Bounded: ``nice``,
-    a persistent Triton cache dir (reruns take seconds) and a 420 s timeout."""
-    import subprocess
-
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["TRITON_CACHE_DIR"] = os.environ.get(
-        "CONTSUP_TRITON_CACHE", str(pathlib.Path.home() / ".cache" / "contsup_fast" / "triton-sm90"))
-    try:
-        proc = subprocess.run(["nice", "-n", "5", sys.executable, "-c", _SM90_SCRIPT, str(ROOT)],
-                              env=env, capture_output=True, text=True, timeout=420)
-    except subprocess.TimeoutExpired:
-        pytest.fail("building the sm_90 kernel variants took over 420 s")
-    if proc.returncode == 77:
-        pytest.skip(f"cannot set up an sm_90 Triton target here: {proc.stdout.strip()}")
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert "kernel variants for sm_90" in proc.stdout
 
 
 # ------------------------------------------------------------------------------ CUDA only

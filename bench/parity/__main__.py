@@ -3,6 +3,11 @@
     python -m bench.parity --ref-dir .refs                       # every command.sh line, torch + native
     python -m bench.parity --backends triton --only 'resnet32 K=4 R1E'   # Triton interpreter, a subset
     CONTSUP_REFERENCE_DIR=.refs python -m bench.parity --quick    # the representative subset
+    python -m bench.parity --against-torch --device cuda         # fused backends vs torch, fp32/bf16
+
+``--against-torch`` compares the fused backends with the torch backend on a device in fp32 and
+bf16, without the authors' code (:mod:`bench.parity.backends`); the rest of this docstring is
+about the float64 comparison with the authors' code.
 
 ``--ref-dir`` (default ``$CONTSUP_REFERENCE_DIR``, else ``.refs``) holds the checkouts by
 repository name (``ContSup/`` here); ``scripts/fetch-references.sh`` fills it. Per configuration
@@ -100,6 +105,34 @@ def select(cfgs, only: Optional[List[str]]):
     return [c for c in cfgs if any(re.fullmatch(o, c.name) or o == c.name for o in only)]
 
 
+def _against_torch(args) -> List[dict]:
+    from ..common import RESULTS, environment, format_table, write_results
+    from .backends import COLUMNS, FACTOR, SLACK, run
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    name = args.name if args.name != "parity_cpu" else f"parity_backends_{device.type}"
+    settings = {"device": str(device), "dtypes": args.dtypes, "backends": args.backends, "only": args.only,
+                "batch": args.batch, "factor": FACTOR, "slack": SLACK, "threads": args.threads}
+    rows: List[dict] = []
+
+    def add(row):  # saved after every row, so that a run stopped by a time limit keeps its rows
+        rows.append(row)
+        write_results(name, "parity_backends", environment(device), settings, rows, args.out)
+        print(format_table([row], COLUMNS).splitlines()[-1], flush=True)
+
+    run(device, args.dtypes, args.backends, args.only, batch=args.batch, log=add)
+    if not rows:
+        raise SystemExit("bench.parity: nothing was compared")
+    print()
+    print(format_table(rows, COLUMNS))
+    n_match = sum(r["verdict"] == "MATCH" for r in rows)
+    print(f"\n{n_match}/{len(rows)} MATCH (error against float64 per category <= {FACTOR} x the torch "
+          f"backend's + {SLACK})")
+    print(f"wrote {Path(args.out or RESULTS) / (name + '.json')}")
+    if n_match < len(rows):
+        raise SystemExit(1)
+    return rows
+
+
 def main(argv=None) -> List[dict]:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--ref-dir", default=None, help="folder holding the checkouts by repository name "
@@ -122,10 +155,18 @@ def main(argv=None) -> List[dict]:
     p.add_argument("--out", default=None, help="results folder (default bench/results)")
     p.add_argument("--append", action="store_true",
                    help="keep the rows already in the JSON and skip the (configuration, backend) pairs it has")
+    p.add_argument("--against-torch", action="store_true",
+                   help="the fused backends against the torch backend on --device in --dtypes, no "
+                        "authors' code (bench/parity/backends.py); --only selects its configurations")
+    p.add_argument("--device", default=None, help="with --against-torch (default: cuda if available, else cpu)")
+    p.add_argument("--dtypes", nargs="+", default=["fp32", "bf16"], choices=["fp32", "bf16"],
+                   help="with --against-torch")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     if args.backends and "triton" in args.backends and not torch.cuda.is_available():
         os.environ.setdefault("TRITON_INTERPRET", "1")  # before triton is imported
+    if args.against_torch:
+        return _against_torch(args)
     from contsup_fast.fused import available_backends
     from ..common import RESULTS, environment, format_table, write_json
     import importlib
