@@ -311,7 +311,8 @@ class LocalSequential(nn.Module):
                 elif self.aux == "dgl":
                     head = DGLHead(c, out_shapes[j][1:], head_out)
                 elif self.width_groups > 1:
-                    head = GroupHeads(c, self.width_groups, head_out, self.aux, widest=c == widest,
+                    # GN-DGL's AuxClassifier doubles the width at every stage (widest=False)
+                    head = GroupHeads(c, self.width_groups, head_out, self.aux, widest=False,
                                       feature_dim=feature_dim)
                 else:
                     head = AuxiliaryHead(c, self.aux, head_out, widest=c == widest, feature_dim=feature_dim)
