@@ -87,14 +87,14 @@ def run_config(mods, cfg, backend: str, batch: int, steps: int = 3, seed: int = 
            "our_split": list(ours.cut_points), "verdict": verdict(cmp, report) if split_same else "DIFFER",
            "max_rel": max(c["rel"] for c in cmp.values()),
            **{f"{k}_rel": v["rel"] for k, v in cmp.items()}, "comparison": cmp, "name_map": report.summary(),
-           "seconds": time.perf_counter() - t0}
+           **(side.row_notes(cfg) if hasattr(side, "row_notes") else {}), "seconds": time.perf_counter() - t0}
     del ref, ours, rec_ours, rec_ref
     gc.collect()
     return row
 
 
 COLUMNS = ["config", "backend", "batch", "verdict", "losses_rel", "inputs_rel", "outputs_rel", "logits_rel",
-           "grads_rel", "grads_zero_rel", "running_stats_rel", "eval_logits_rel", "params_rel", "updates_rel", "seconds"]
+           "grads_rel", "grads_zero_rel", "running_stats_rel", "eval_logits_rel", "eval_outputs_rel", "params_rel", "updates_rel", "seconds"]
 
 
 def select(cfgs, only: Optional[List[str]]):
