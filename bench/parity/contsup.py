@@ -34,7 +34,7 @@ import torch
 from torch import Tensor, nn
 
 from ..reference_contsup import _cuda_call_is_identity, load_reference
-from .core import (MapReport, copy_by_map, named_grads, randomize_bn, record_ours_step, sgd)
+from .core import (MapReport, copy_by_map, named_grads, randomize_bn, record_ours_step, recording_backward, sgd)
 
 __all__ = ["Config", "command_configs", "EXTRA", "load", "build_reference", "build_ours", "name_map",
            "record_ref_step", "loss_scale", "REF_CIFAR_MEAN", "REF_CIFAR_STD"]
@@ -271,17 +271,10 @@ def record_ref_step(net: nn.Module, x: Tensor, y: Tensor, scale) -> Dict[str, Di
         lambda mod, args: hs.append(args[0].detach().clone())) for s, b in cut_table(net)]
     if node is not None:
         hooks.append(node.register_forward_hook(lambda mod, args, out: As.append(out[0].detach().clone())))
-    original = torch.Tensor.backward
-
-    def recording_backward(self, *a, **k):
-        losses.append(self.detach().clone())
-        return original(self, *a, **k)
-
-    torch.Tensor.backward = recording_backward
     try:
-        logits = net(img=x, target=y, ixx_1=scale[0], ixy_1=scale[1], ixx_2=scale[2], ixy_2=scale[3])[0]
+        with recording_backward(losses):
+            logits = net(img=x, target=y, ixx_1=scale[0], ixy_1=scale[1], ixx_2=scale[2], ixy_2=scale[3])[0]
     finally:
-        torch.Tensor.backward = original
         for h in hooks:
             h.remove()
     if node is None:

@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import importlib
 import re
-import shlex
 import sys
 import time
 import types
@@ -48,7 +47,8 @@ import torch
 from torch import Tensor, nn
 
 from .contsup import REF_CIFAR_MEAN, REF_CIFAR_STD, REF_LR, _default_dtype
-from .core import compare_records, copy_by_map, labels_with_positives, randomize_bn, sgd, verdict
+from .core import (compare_records, copy_by_map, labels_with_positives, randomize_bn, recording_backward, sgd,
+                   train_py_lines, verdict)
 
 __all__ = ["REFERENCE", "DIRNAME", "SUBDIR", "GNConfig", "command_configs", "load", "build_reference",
            "build_ours", "name_map", "cut_names", "run_model"]
@@ -100,20 +100,14 @@ def command_configs(ref_dir: str) -> List[GNConfig]:
     (the ``--groups 1`` lines are its DGL and end-to-end baselines), deduplicated in file order.
     Every such line has ``--detach --detach-ratio 1.0 --div-reg --div-temp 3.0 --div-weight 0.5
     --aux_net_config 1c2f --local_loss_mode cross_entropy``; a line without them is refused."""
-    text = (Path(ref_dir) / SUBDIR / "commands.sh").read_text()
     seen, out = set(), []
-    for line in text.splitlines():
-        if "train.py" not in line or line.lstrip().startswith("#"):
-            continue
-        toks = shlex.split(line)
-        args = {t[2:]: (toks[i + 1] if i + 1 < len(toks) and not toks[i + 1].startswith("--") else True)
-                for i, t in enumerate(toks) if t.startswith("--")}
+    for args in train_py_lines(Path(ref_dir) / SUBDIR / "commands.sh"):
         if int(args["groups"]) < 2:
             continue
         expected = {"detach": True, "detach-ratio": "1.0", "div-reg": True, "div-temp": "3.0", "div-weight": "0.5",
                     "aux_net_config": "1c2f", "local_loss_mode": "cross_entropy", "aux_net_feature_dim": "128"}
         if any(args.get(k) != v for k, v in expected.items()):
-            raise ValueError(f"commands.sh line with settings this harness does not build: {line!r}")
+            raise ValueError(f"commands.sh line with settings this harness does not build: {args!r}")
         cfg = GNConfig(K=int(args["local_module_num"]), G=int(args["groups"]),
                        widths=tuple(int(v) for v in args["wide-list"].split(",")),
                        model=f"resnet{args['layers']}", dataset=args.get("dataset", "cifar10"))
@@ -261,17 +255,8 @@ def _step(side: str, net: nn.Module, x: Tensor, y: Tensor, cuts: List[str], head
     losses: List[Tensor] = []
     try:
         if side == "ref":
-            original = torch.Tensor.backward
-
-            def recording_backward(self, *a, **k):
-                losses.append(self.detach().clone())
-                return original(self, *a, **k)
-
-            torch.Tensor.backward = recording_backward
-            try:
+            with recording_backward(losses):
                 net(img=x, target=y)
-            finally:
-                torch.Tensor.backward = original
         else:
             losses = list(net(x, y).local_losses.detach().unbind(0))
     finally:

@@ -18,7 +18,6 @@ context node).
 from __future__ import annotations
 
 import importlib
-import shlex
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,6 +28,7 @@ from torch import nn
 
 from ..reference_contsup import _cuda_call_is_identity
 from .contsup import Config, _default_dtype
+from .core import train_py_lines
 
 __all__ = ["REFERENCE", "SUBDIR", "InfoProConfig", "command_configs", "load", "build_reference", "build_ours",
            "loss_scale"]
@@ -52,14 +52,8 @@ class InfoProConfig(Config):
 
 def command_configs(ref_dir: str) -> List[InfoProConfig]:
     """Every ``python train.py`` line of InfoPro's ``comand.sh``, deduplicated in file order."""
-    text = (Path(ref_dir) / SUBDIR / "comand.sh").read_text()
     seen, out = set(), []
-    for line in text.splitlines():
-        if "train.py" not in line or line.lstrip().startswith("#"):
-            continue
-        toks = shlex.split(line)
-        args = {t[2:]: (toks[i + 1] if i + 1 < len(toks) and not toks[i + 1].startswith("--") else True)
-                for i, t in enumerate(toks) if t.startswith("--")}
+    for args in train_py_lines(Path(ref_dir) / SUBDIR / "comand.sh"):
         cfg = InfoProConfig(model=f"resnet{args['layers']}", K=int(args["local_module_num"]), context="R0",
                             loss=args.get("local_loss_mode", "contrast"), h_reconstruct=True,
                             balanced=bool(args.get("balanced_memory", False)),  # store_true there
