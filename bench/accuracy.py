@@ -184,7 +184,7 @@ def reused_logs(p: Protocol, results_dir: Path) -> Dict[str, Dict[int, dict]]:
         ValueError: a reused run is missing or unfinished there, or was trained with other
             training arguments than the row would be (names every differing argument).
     """
-    from contsup_fast.train import OPTION_ABSENT_MEANS, RESULT_ARGS, build_parser
+    from contsup_fast.train import build_parser, result_arg_differences
     parser = build_parser()
     out: Dict[str, Dict[int, dict]] = {}
     for row, source in p.reuse.items():
@@ -200,9 +200,7 @@ def reused_logs(p: Protocol, results_dir: Path) -> Dict[str, Dict[int, dict]]:
             if not log_ or "final" not in log_:
                 raise ValueError(f"row {row!r} reuses {source!r} seed {seed}, which {path} has not finished")
             ours = vars(parser.parse_args(p.argv(row, seed, "data", "out", None)))
-            theirs = {**OPTION_ABSENT_MEANS, **log_["args"]}
-            diff = [f"{k}: {ours.get(k)!r} here, {theirs.get(k)!r} there" for k in RESULT_ARGS
-                    if ours.get(k) != theirs.get(k)]
+            diff = result_arg_differences(ours, log_["args"])
             if diff:
                 raise ValueError(f"row {row!r} cannot reuse {source!r} seed {seed}: " + "; ".join(diff))
             out[row][seed] = log_

@@ -147,6 +147,36 @@ def test_resume_refuses_mismatched_args(tiny_cifar, tmp_path, capsys):
         T.main(["--resume", str(tmp_path / "nothing_here")])
 
 
+def _tiny_vit(name, num_classes):
+    from torchvision.models import VisionTransformer
+    return VisionTransformer(image_size=32, patch_size=8, num_layers=2, num_heads=2, hidden_dim=16,
+                             mlp_dim=32, num_classes=num_classes)
+
+
+@pytest.mark.parametrize("vit", [False, True])
+def test_aux_default_is_the_layouts_head_and_is_recorded_resolved(tiny_cifar, tmp_path, monkeypatch, vit):
+    """--aux left out: 1c2f on a CNN's (N, C, H, W) boundaries, token on a ViT's (N, 1+L, D); the
+    log and checkpoint record the resolved head, a resume keeps it, and --aux given explicitly
+    against the resolved one is refused like any changed setting."""
+    from contsup_fast.train import build
+    if vit:
+        monkeypatch.setattr(build, "_build_model", _tiny_vit)
+    out = tmp_path / "r"
+    T.main(_argv(tiny_cifar, out, "--epochs", "1", "--K", "2"))
+    want = "token" if vit else "1c2f"
+    assert json.loads((out / "log.json").read_text())["args"]["aux"] == want
+    assert load_checkpoint(out / "checkpoint.pt")["args"]["aux"] == want
+    res = T.main(["--resume", str(out), "--no-progress"])
+    assert res["epochs"] == 1
+    other = "dgl"
+    with pytest.raises(SystemExit):
+        T.main(["--resume", str(out), "--aux", other, "--no-progress"])
+    parsed = vars(T.build_parser().parse_args(_argv(tiny_cifar, out, "--epochs", "1", "--K", "2")))
+    recorded = json.loads((out / "log.json").read_text())["args"]
+    assert parsed["aux"] is None and T.result_arg_differences(parsed, recorded) == []
+    assert T.result_arg_differences(parsed, {**recorded, "aux": other}) == [f"aux: None here, {other!r} there"]
+
+
 @pytest.mark.parametrize("extra, message", [
     (["--epochs", "0"], "--epochs"),
     (["--subset", "500"], "exceeds the 200 training images"),
@@ -172,7 +202,7 @@ def test_missing_data_dir_error(tmp_path, monkeypatch, capsys):
 def test_split_and_defaults_parsing():
     p = T.build_parser()
     a = p.parse_args([])
-    assert (a.K, a.context, a.aux, a.loss, a.epochs, a.batch_size) == (16, "RnE", "1c2f", "ce", 160, 1024)
+    assert (a.K, a.context, a.aux, a.loss, a.epochs, a.batch_size) == (16, "RnE", None, "ce", 160, 1024)
     assert p.parse_args(["--split", "balanced"]).split == "balanced"
     assert p.parse_args(["--split", "cost"]).split == "cost"
     assert p.parse_args(["--split", "none"]).split is None

@@ -31,14 +31,14 @@ from typing import Any, Dict, Optional, Sequence
 
 import torch
 
-from .args import (AUX_CHOICES, CIFAR_RESNETS, OPTION_ABSENT_MEANS, PARALLEL_RESULT_ARGS, RESULT_ARGS,
-                   _prepare_args, build_parser)
+from .args import (AUX_CHOICES, AUX_LAYOUT_DEFAULTS, CIFAR_RESNETS, OPTION_ABSENT_MEANS,
+                   PARALLEL_RESULT_ARGS, RESULT_ARGS, _prepare_args, build_parser, result_arg_differences)
 from .build import _build_model, _local_class, _lr_lambda, param_groups
 from .loop import _train
 from .rundir import NonFiniteLossError
 from .runners import _LocalTrainer, _Parallel, _PipelineTrainer
 
-__all__ = ["build_parser", "main", "run", "RESULT_ARGS", "NonFiniteLossError"]
+__all__ = ["build_parser", "main", "run", "RESULT_ARGS", "NonFiniteLossError", "result_arg_differences"]
 
 
 def run(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:

@@ -26,6 +26,32 @@ RESULT_ARGS = ("model", "K", "context", "n", "aux", "loss", "reconstruct", "spli
 #: lack the key): a resume continues them with it, not with today's default
 OPTION_ABSENT_MEANS = {"context_mean": "none", "normalization": "dataset"}
 
+#: what ``--aux`` left at its default (None: the layout's head) resolves to, and is recorded as,
+#: once the model is built: ``"1c2f"`` where the boundaries carry (N, C, H, W) maps, ``"token"``
+#: where they carry tokens or NHWC maps (:func:`contsup_fast.tokens.resolve_aux`)
+AUX_LAYOUT_DEFAULTS = ("1c2f", "token")
+
+
+def result_arg_differences(ours: dict, theirs: dict) -> list:
+    """The :data:`RESULT_ARGS` on which two runs' arguments differ, as ``"name: a here, b there"``.
+
+    ``ours`` may be a parsed command line, where ``aux=None`` means the layout's default head;
+    ``theirs`` a finished run's recorded arguments (``log.json``), where the head is recorded
+    resolved. ``None`` matches a recorded :data:`AUX_LAYOUT_DEFAULTS` entry (the same model gives
+    the same resolution; a CNN refuses ``"token"`` and a transformer the convolutional heads, so a
+    recorded default is always that model's). Options absent from ``theirs`` take
+    :data:`OPTION_ABSENT_MEANS`.
+    """
+    theirs = {**OPTION_ABSENT_MEANS, **theirs}
+    out = []
+    for k in RESULT_ARGS:
+        a, b = ours.get(k), theirs.get(k)
+        if k == "aux" and a is None and b in AUX_LAYOUT_DEFAULTS:
+            continue
+        if a != b:
+            out.append(f"{k}: {a!r} here, {b!r} there")
+    return out
+
 
 def _positive_int(s: str) -> int:
     v = int(s)
@@ -99,9 +125,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="context supply: R0 (none), E, Rn, RnE (n from --n) or R<k>, R<k>E")
     g.add_argument("--n", type=_positive_int, default=None,
                    help="residual context depth for Rn/RnE (default 1)")
-    g.add_argument("--aux", default="1c2f", choices=AUX_CHOICES,
+    g.add_argument("--aux", default=None, choices=AUX_CHOICES,
                    help="auxiliary head: <convs>c<fc layers>f, auglocal (AugLocal: copies of later "
-                        "layers), dgl (DGL mlp-sr) or token (ViT/Swin: class token or mean -> LN -> MLP)")
+                        "layers), dgl (DGL mlp-sr) or token (ViT/Swin: class token or mean -> LN -> MLP); "
+                        "default: the layout's head, 1c2f for CNNs and token for transformers "
+                        "(recorded resolved in the run's log)")
     g.add_argument("--aux-depth", type=_positive_int, default=2,
                    help="AugLocal head depth d (layers copied into each head)")
     g.add_argument("--aux-pyramid", type=_pyramid_arg, default=0.5,

@@ -167,6 +167,7 @@ def _build_trainer(parser, args, par, data, steps_per_epoch: int) -> SimpleNames
         local = _local_class()(model, **local_kwargs)
     except ValueError as exc:
         parser.error(str(exc))
+    args.aux = local.aux  # --aux left at None: record the head the layout resolved to
     if args.parallel != "pipeline":
         local = local.to(device)
         if args.channels_last:
