@@ -31,11 +31,14 @@ from typing import List, Optional
 import torch
 
 #: a small set covering every context mode, both losses, the decoder, both models, the balanced
-#: split and the K without a cut in the widest stage (K=2); used by ``--quick`` and the tests.
+#: split and the K without a cut in the widest stage (K=2), AugLocal's split preset, InfoPro's one
+#: line with explicit weights and GN-DGL; used by ``--quick`` and the tests.
 QUICK = ["resnet32 K=2 R1E ce", "resnet32 K=4 E supcon", "resnet32 K=4 R1E ce +recon",
          "resnet32 K=8 R2 ce", "resnet32 K=16 R0 ce", "resnet32 K=16 R1 supcon",
          "resnet110 K=3 E supcon balanced", "InfoPro resnet32 K=4 R0 supcon \\+recon",
-         "DGL mlp-sr head 32x16x16", r"AugLocal resnet32 K=16 d=1 gamma=0.5 \(15 modules, ref split\)"]
+         "DGL mlp-sr head 32x16x16", r"AugLocal resnet32 K=16 d=1 gamma=0.5 \(15 modules, ref split\)",
+         r"AugLocal resnet32 K=16 d=3 gamma=0.5 \(13 modules, our split\)",
+         "InfoPro resnet110 K=4 R0 supcon \\+recon balanced", "GN-DGL resnet32 K=4 G=2", "GN-DGL resnet32 K=1 G=4"]
 
 REFERENCES = {"ContSup": "github.com/Tab-ct/ContSup (networks_dev, train.py, command.sh)",
               "InfoPro": "github.com/blackfeather-wang/InfoPro-Pytorch (Experiments on CIFAR-SVHN-STL10: "
