@@ -6,9 +6,12 @@ Each local module's width is split into G *groups* of channels that train as sep
 workers:
 
 * **Grouped convolutions.** :func:`group_modules` converts, in every local module, every
-  convolution of every residual block (downsample shortcut included) to ``groups=G``, except
-  in the first block after a boundary, which stays full so that the groups mix at module
-  entry. The stem (the convolutions of module 0 before its first block) stays full. The
+  convolution of every residual block (downsample shortcut included) to ``groups=G``, except,
+  in the first block after a boundary, the convolutions that read the block's input
+  (``conv1`` and the ``downsample`` shortcut), which stay full so that the groups mix at
+  module entry; that block's later convolutions are grouped. This is the reference's
+  ``_make_layer`` (``first_conv_groups=1`` after a cut, ``conv2`` always ``groups=G``). The
+  stem (the convolutions of module 0 before its first block) stays full. The
   conversion is done *in place* on the wrapped model's blocks (they are the modules the local
   modules run), with fresh weights initialised as the CIFAR ResNets are
   (N(0, sqrt(2/(k*k*C_out))), bias 0). Models that can be grouped: those built of residual
@@ -16,7 +19,9 @@ workers:
   ``BasicBlock``/``Bottleneck`` with ``groups=1``; anything else is refused with a ValueError.
 * **Heads.** :class:`GroupHeads`: G ``1c2f`` auxiliary heads over the full width; head g
   reads the module output with every other group's channels detached, so it sees all groups
-  in forward but its gradient reaches only group g.
+  in forward but its gradient reaches only group g. As the reference's ``AuxClassifier``
+  (``networks/split_auxiliary_nets.py``), every head doubles the width with a stride-2
+  convolution, at the widest stage too (ContSup's heads keep the width there).
 * **Loss.** :func:`contsup_fast.losses.group_loss`: sum of the G cross-entropies + 0.5 x the
   diversity term at T = 3.
 * **Evaluation.** The final classifier (``local.eval()(x)``, what the CLI reports), or the
@@ -35,7 +40,7 @@ from torch import Tensor, nn
 from .auglocal import initialise, is_residual_block
 from .heads import AuxiliaryHead
 
-__all__ = ["check_width_groups", "group_modules", "GroupHeads", "body_macs", "macs_per_group", "ensemble_predict"]
+__all__ = ["check_width_groups", "reads_block_input", "group_modules", "GroupHeads", "body_macs", "macs_per_group", "ensemble_predict"]
 
 
 def check_width_groups(G) -> int:
@@ -70,6 +75,12 @@ def _grouped_conv(conv: nn.Conv2d, G: int, where: str) -> nn.Conv2d:
     return new
 
 
+def reads_block_input(conv_name: str) -> bool:
+    """True for the convolutions of a residual block that read the block's input: ``conv1``
+    and the shortcut's (``downsample.*``); in the first block after a boundary they stay full."""
+    return conv_name == "conv1" or conv_name.startswith("downsample.")
+
+
 def group_modules(pieces: Sequence[nn.Module], G: int, model_name: str = "model") -> List[List[str]]:
     """Convert the residual blocks of each local module's body to ``groups=G`` in place (see
     module docstring). ``pieces`` are the K fx GraphModules of the split.
@@ -80,6 +91,9 @@ def group_modules(pieces: Sequence[nn.Module], G: int, model_name: str = "model"
     Raises:
         ValueError: a piece holds convolutions outside residual blocks (other than the stem),
         a convolution is already grouped, or G does not divide its channels.
+
+    Source: GN-DGL ``Multilayer_GN_DGL/networks/resnet.py``, ``_make_layer`` and
+    ``BasicBlock`` (``first_conv_groups`` for ``conv1`` and the shortcut, ``groups`` for ``conv2``).
     """
     grouped: List[List[str]] = []
     any_block = False
@@ -99,22 +113,27 @@ def group_modules(pieces: Sequence[nn.Module], G: int, model_name: str = "model"
                 continue
             first_after_boundary = j > 0 and not seen_block
             seen_block = any_block = True
-            if first_after_boundary or G == 1:
+            if G == 1:
                 continue
+            converted = False
             for name, child in list(m.named_modules()):
                 for attr, conv in list(child.named_children()):
-                    if isinstance(conv, nn.Conv2d):
-                        where = f"{node.target}.{name + '.' if name else ''}{attr}"
-                        setattr(child, attr, _grouped_conv(conv, G, where))
-            names.append(str(node.target))
+                    if not isinstance(conv, nn.Conv2d):
+                        continue
+                    where = f"{name + '.' if name else ''}{attr}"
+                    if first_after_boundary and reads_block_input(where):
+                        continue
+                    setattr(child, attr, _grouped_conv(conv, G, f"{node.target}.{where}"))
+                    converted = True
+            if converted:
+                names.append(str(node.target))
         grouped.append(names)
     if not any_block:
         raise ValueError(f"width_groups={G}: {model_name} cannot be grouped: it has no residual blocks. Width-wise "
                          f"groups need a model built of residual blocks: the CIFAR ResNets (contsup_fast.models) "
                          f"or torchvision ResNets")
     if G > 1 and not any(grouped):
-        warnings.warn(f"width_groups={G}: no block was grouped, because every local module holds a single "
-                      f"block and the first block after a boundary stays full; use fewer, deeper modules "
+        warnings.warn(f"width_groups={G}: no convolution was grouped; use fewer, deeper modules "
                       f"(smaller K)", stacklevel=3)
     return grouped
 

@@ -29,7 +29,7 @@ from .heads import AUX_CONFIGS, AUX_METHODS, AuxiliaryHead, DGLHead
 from .layouts import Layout, image_layout
 from .losses import (LOSSES, ReconstructionDecoder, denormalize, group_loss, loss_precision,
                      supervised_contrastive_loss)
-from .presets import reconstruction_weights
+from .presets import check_preset_dataset, reconstruction_weights
 from .splitting import SplitPlan, plan_split
 from . import tokens
 
@@ -133,7 +133,10 @@ class LocalSequential(nn.Module):
             linearly over modules 0..K-2; default: the reference's table for the split
             (:func:`~contsup_fast.presets.reconstruction_weights`: its memory-balance table with
             ``split="balanced"``), else (1, 1, 1, 1).
-        split: None (paper preset, else balanced), ``"balanced"``, or explicit cut points.
+        split: None (paper preset, else cost-balanced; with ``aux="auglocal"`` AugLocal's
+            split: the first K-1 of the stem and every block), ``"balanced"`` (the paper's
+            memory-balanced preset), ``"cost"`` (cost-balanced, never a preset) or explicit cut
+            points.
         backend: ``"auto"``, ``"torch"``, ``"triton"`` or ``"native"`` for the boundary ops.
         feature_dim: hidden width of the auxiliary MLP and the contrastive embedding size, an
             integer >= 1.
@@ -164,10 +167,14 @@ class LocalSequential(nn.Module):
         cuda_graphs: capture each local module's training step (context, body, local loss,
             backward) as a CUDA graph after two eager steps and replay it (fixed input shapes;
             see :mod:`contsup_fast.cuda_graphs`). For small models where launch overhead dominates.
+        preset_dataset: whose preset tables the reference's code uses (``"cifar10"``, the
+            default, ``"stl10"`` or ``"svhn"``): STL-10 has its own memory-balanced ResNet-110
+            splits, STL-10 and SVHN their own ResNet-110 reconstruction weights
+            (:mod:`contsup_fast.presets`); the CLI sets it from ``--dataset``.
 
     Raises:
         ValueError: bad K, context, n, aux, aux_depth, aux_pyramid, width_groups, loss, split,
-            backend, feature_dim, context gate, context mean or cuda_graphs (the message names the option and
+            backend, feature_dim, context gate, context mean, cuda_graphs or preset_dataset (the message names the option and
             says what is allowed); :class:`~contsup_fast.splitting.UnsplittableModelError` for a model that
             cannot be traced or cut. RuntimeError: ``cuda_graphs=True`` without a CUDA GPU.
     """
@@ -181,7 +188,7 @@ class LocalSequential(nn.Module):
                  aux_depth: int = 2, aux_pyramid: Optional[float] = 0.5, width_groups: Optional[int] = None,
                  context_gate: Optional[str] = None, context_gate_steps: Optional[int] = None,
                  context_gate_init: float = 0.1, context_mean: Optional[str] = "last",
-                 cuda_graphs: bool = False):
+                 cuda_graphs: bool = False, preset_dataset: str = "cifar10"):
         super().__init__()
         if not isinstance(cuda_graphs, bool):
             raise ValueError(f"cuda_graphs must be True or False, got {cuda_graphs!r}")
@@ -219,7 +226,8 @@ class LocalSequential(nn.Module):
         self.K, self.aux, self.loss_name, self.backend_name = K, aux, loss, backend
         self.input_size = tuple(int(s) for s in input_size)
         self.image_mean, self.image_std = tuple(image_mean), tuple(image_std)
-        plan = plan_split(model, K, split, self.input_size)
+        self.preset_dataset = check_preset_dataset(preset_dataset)
+        plan = plan_split(model, K, split, self.input_size, preset_dataset, aux)
         self.split_source = plan.source
         self.cut_points = list(plan.cuts)
         out_shape = plan.shapes[[n for n in plan.gm.graph.nodes if n.op == "output"][0].args[0].name]
@@ -245,8 +253,8 @@ class LocalSequential(nn.Module):
         if not reconstruct:
             return None
         if weights is None:
-            weights = reconstruction_weights(getattr(model, "arch", None), self.K,
-                                             balanced=split == "balanced") or (1.0, 1.0, 1.0, 1.0)
+            weights = reconstruction_weights(getattr(model, "arch", None), self.K, balanced=split == "balanced",
+                                             dataset=self.preset_dataset) or (1.0, 1.0, 1.0, 1.0)
         if len(weights) != 4:
             raise ValueError(f"reconstruct_weights must be (recon_first, cls_first, recon_last, cls_last), "
                              f"got {tuple(weights)!r}")
@@ -311,7 +319,8 @@ class LocalSequential(nn.Module):
                 elif self.aux == "dgl":
                     head = DGLHead(c, out_shapes[j][1:], head_out)
                 elif self.width_groups > 1:
-                    head = GroupHeads(c, self.width_groups, head_out, self.aux, widest=c == widest,
+                    # GN-DGL's AuxClassifier doubles the width at every stage (widest=False)
+                    head = GroupHeads(c, self.width_groups, head_out, self.aux, widest=False,
                                       feature_dim=feature_dim)
                 else:
                     head = AuxiliaryHead(c, self.aux, head_out, widest=c == widest, feature_dim=feature_dim)

@@ -71,11 +71,16 @@ class ReconstructionDecoder(nn.Module):
         return F.binary_cross_entropy_with_logits(logits, image01.to(logits.dtype))
 
 
+#: GN-DGL's epsilon in both normalisations of the diversity term (``utils.py``, ``div_loss_calc``).
+DIVERSITY_EPS = 1e-8
+
+
 def group_diversity(logits: Sequence[Tensor], labels: Tensor, temperature: float = 3.0) -> Tensor:
     """GN-DGL diversity term over the G group heads (Patel et al., GN-DGL; github.com/adeetyapatel12/GN-DGL).
 
     For each head g: ``p_g = softmax(z_g / T)``; the true class is set to 0 and ``p_g`` is
-    renormalised to sum 1, then L2-normalised. The term is the dot product ``<p_g, p_h>``
+    renormalised to sum 1, then L2-normalised (each with the reference's epsilon
+    :data:`DIVERSITY_EPS` in the denominator). The term is the dot product ``<p_g, p_h>``
     averaged over all ordered pairs of different heads (g != h) and over the batch; it is
     small when the heads disagree on the wrong classes.
 
@@ -93,8 +98,10 @@ def group_diversity(logits: Sequence[Tensor], labels: Tensor, temperature: float
     for z in logits:
         p = torch.softmax(loss_precision(z) / temperature, dim=1)
         p = p.scatter(1, labels[:, None], 0.0)
-        p = p / p.sum(1, keepdim=True).clamp_min(1e-12)
-        ps.append(F.normalize(p, dim=1))
+        # the reference's epsilons (utils.py ``div_loss_calc``): p / (sum + 1e-8), then
+        # p / sqrt(sum p^2 + 1e-8); they shift the term by ~1e-8 relative, so they are kept
+        p = p / (p.sum(1, keepdim=True) + DIVERSITY_EPS)
+        ps.append(p / torch.sqrt(p.square().sum(1, keepdim=True) + DIVERSITY_EPS))
     P = torch.stack(ps)                                # (G, N, classes)
     G = P.shape[0]
     gram = torch.einsum("gnc,hnc->ghn", P, P)          # (G, G, N)

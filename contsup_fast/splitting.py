@@ -8,9 +8,11 @@ and that leaves a spatial (4-D, parameterised) module on both sides. For a CIFAR
 these are the stem's ReLU and every residual block but the last: 15 cut points, so K <= 16.
 
 Splits:
-* ``split=None``: the paper's equal-layer preset where one exists (CIFAR ResNet-32/110),
-  else cost-balanced;
-* ``split="balanced"``: the paper's memory-balanced preset, else cost-balanced;
+* ``split=None``: the paper's equal-layer preset where one exists (CIFAR ResNet-32/110;
+  with AugLocal heads, AugLocal's split), else cost-balanced;
+* ``split="balanced"``: the paper's memory-balanced preset (per ``preset_dataset``), else
+  cost-balanced;
+* ``split="cost"``: cost-balanced whatever the presets;
 * ``split=[...]``: explicit cut points, as indices into :attr:`SplitPlan.candidates` or as
   node names (``"layer1.0"``).
 
@@ -41,7 +43,7 @@ from torch import nn
 
 from .aux_outputs import keep_main_logits
 from .layouts import DESCEND, Layout, LeafCall, detect_layout, require
-from .presets import cut_to_node_name, preset_cuts
+from .presets import MEMORY_BALANCED_BY_DATASET, cut_to_node_name, preset_cuts
 
 __all__ = ["SplitPlan", "plan_split", "trace", "UnsplittableModelError"]
 
@@ -329,15 +331,18 @@ def _get_attr(graph: fx.Graph, env: Dict[fx.Node, fx.Node], a: fx.Node) -> fx.No
 
 
 def plan_split(model: nn.Module, K: int, split: Union[None, str, Sequence[Union[int, str]]] = None,
-               input_size: Sequence[int] = (3, 32, 32)) -> SplitPlan:
+               input_size: Sequence[int] = (3, 32, 32), preset_dataset: str = "cifar10",
+               aux: Optional[str] = None) -> SplitPlan:
     """Trace ``model`` and cut it into ``K`` pieces (see module docstring).
 
     Args:
         model: any fx-traceable module taking one (N, C, H, W) tensor.
         K: number of local modules, ``1 <= K <= len(candidates) + 1``.
-        split: None, ``"balanced"``, or explicit cut points (indices into the candidates or
-            node names).
+        split: None, ``"balanced"``, ``"cost"`` (the cost-balanced split, whatever the presets),
+            or explicit cut points (indices into the candidates or node names).
         input_size: (C, H, W) of one example, used for one forward to measure shapes.
+        preset_dataset: whose preset tables (:data:`~contsup_fast.presets.PRESET_DATASETS`).
+        aux: the auxiliary head kind; ``"auglocal"`` selects AugLocal's split as the preset.
 
     Returns:
         A :class:`SplitPlan` whose ``pieces`` are K GraphModules sharing ``model``'s parameters.
@@ -366,12 +371,16 @@ def plan_split(model: nn.Module, K: int, split: Union[None, str, Sequence[Union[
     usable = [c for c in candidates if isinstance(layouts[c], Layout)]
     arch = getattr(model, "arch", None)
     source = "explicit"
-    if split is None or split == "balanced":
-        preset = preset_cuts(arch, K, balanced=split == "balanced") if K > 1 else []
+    if split is None or split in ("balanced", "cost"):
+        preset = (preset_cuts(arch, K, split == "balanced", preset_dataset, aux) if K > 1 else []) \
+            if split != "cost" else None
         by_label = {labels[c]: c for c in candidates}
         if preset is not None and all(cut_to_node_name(c) in by_label for c in preset):
             cuts = [by_label[cut_to_node_name(c)] for c in preset]
-            source = "paper memory-balanced preset" if split == "balanced" else "paper preset"
+            source = ("paper memory-balanced preset" if split == "balanced"
+                      else "AugLocal preset" if aux == "auglocal" else "paper preset")
+            if split == "balanced" and preset_dataset in MEMORY_BALANCED_BY_DATASET:
+                source += f" ({preset_dataset})"
         else:
             if K - 1 > len(usable):
                 plan_layouts = {c: layouts[c] for c in candidates}
@@ -379,7 +388,7 @@ def plan_split(model: nn.Module, K: int, split: Union[None, str, Sequence[Union[
             cuts = _balanced_cuts(order, costs, usable, K) if K > 1 else []
             source = "cost-balanced"
     elif isinstance(split, str):
-        raise ValueError(f"split must be None, 'balanced' or a list of cut points, got {split!r}")
+        raise ValueError(f"split must be None, 'balanced', 'cost' or a list of cut points, got {split!r}")
     else:
         cuts = []
         by_label = {labels[c]: c for c in candidates}

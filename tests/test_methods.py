@@ -216,21 +216,49 @@ def test_group_heads_shapes_and_grouped_blocks():
     # preset K=4 cuts after layer1.2, layer2.1, layer3.0
     grouped = {"layer1.0", "layer1.1", "layer1.2", "layer1.4", "layer2.0", "layer2.1",
                "layer2.3", "layer2.4", "layer3.0", "layer3.2", "layer3.3", "layer3.4"}
-    full = {"layer1.3", "layer2.2", "layer3.1"}      # first block after each boundary
-    assert set(sum(local.grouped_blocks, [])) == grouped
+    entry = {"layer1.3", "layer2.2", "layer3.1"}     # first block after each boundary
+    # as GN-DGL's _make_layer: in an entry block conv1 (and a shortcut) read the module input
+    # and stay full, conv2 is grouped
+    assert set(sum(local.grouped_blocks, [])) == grouped | entry
     for m in local:
         for name, conv in m.body.named_modules():
             if not isinstance(conv, nn.Conv2d):
                 continue
             block = ".".join(name.split(".")[:2])
-            assert conv.groups == (4 if block in grouped else 1), name
-            assert block in grouped | full or name == "conv1"
+            if name == "conv1":
+                assert conv.groups == 1
+                continue
+            assert block in grouped | entry, name
+            full = block in entry and (name.endswith("conv1") or ".downsample." in name)
+            assert conv.groups == (1 if full else 4), name
     for m in list(local)[:-1]:
         assert isinstance(m.head, GroupHeads) and len(m.head.heads) == 4
         c = m.out_shape[0]
         for h in m.head.heads:
-            assert h.config == "1c2f" and h.convs[0].in_channels == c
+            # GN-DGL's AuxClassifier: Conv3x3(C -> 2C, stride 2) at every stage, 64 included
+            conv = h.convs[0]
+            assert h.config == "1c2f" and conv.in_channels == c
+            assert conv.out_channels == 2 * c and conv.stride == (2, 2), (m.index, conv)
             assert h.mlp[-1].out_features == 10
+
+
+def test_group_modules_entry_block_shortcut_stays_full():
+    # K=2 cut after layer1.4: the entry block layer2.0 downsamples; its conv1 and shortcut read
+    # the module input (full), its conv2 is grouped (GN-DGL _make_layer: first_conv_groups=1)
+    local = LocalSequential(resnet32(), K=2, context="R0", width_groups=2, split=["layer1.4"])
+    body = local[1].body
+    assert body.get_submodule("layer2.0.conv1").groups == 1
+    assert body.get_submodule("layer2.0.downsample.0").groups == 1
+    assert body.get_submodule("layer2.0.conv2").groups == 2
+    assert body.get_submodule("layer2.1.conv1").groups == 2
+
+
+def test_group_modules_one_block_per_module_still_groups():
+    # K=16 (one block per module): every block is an entry block; conv2 is still grouped
+    local = LocalSequential(resnet32(), K=16, context="R0", width_groups=2)
+    convs = [(n, c.groups) for m in list(local)[1:] for n, c in m.body.named_modules()
+             if isinstance(c, nn.Conv2d)]
+    assert convs and all(g == (2 if n.endswith("conv2") else 1) for n, g in convs), convs
 
 
 def test_group_heads_gradient_reaches_only_its_group():
@@ -284,6 +312,26 @@ def test_grouped_body_isolates_group_gradients_bit_identically():
     assert not torch.equal(stem, body.conv1.weight.grad)
 
 
+def test_diversity_term_reference_epsilons():
+    # GN-DGL utils.div_loss_calc: p / (sum + 1e-8), then p / sqrt(sum p^2 + 1e-8). With the
+    # true class holding all but ~1e-12 of the mass the epsilons decide the term (a plain
+    # renormalise-then-F.normalize gives about twice the value): without them this fails.
+    z1 = torch.tensor([[28.0, 0.0, -1.0]], dtype=torch.float64) * 3
+    z2 = torch.tensor([[28.0, -2.0, 0.5]], dtype=torch.float64) * 3
+    y = torch.tensor([0])
+
+    def ref(zs):
+        p = torch.softmax(torch.stack(zs) / 3.0, dim=2)
+        p = p * torch.tensor([[0.0, 1.0, 1.0]], dtype=torch.float64)
+        p = p / (p.sum(2, keepdim=True) + 1e-8)
+        p = p / torch.sqrt((p ** 2).sum(2, keepdim=True) + 1e-8)
+        cov = torch.einsum("kij,lij->ikl", p, p)
+        return (cov * (1 - torch.eye(2, dtype=torch.float64))).sum() / (1 * 2)
+
+    got = group_diversity([z1, z2], y, 3.0)
+    assert torch.allclose(got, ref([z1, z2]), rtol=1e-12, atol=0)
+
+
 def test_diversity_term_by_hand():
     T = 3.0
     # softmax(T*log p / T) = p
@@ -317,9 +365,10 @@ def test_group_summary_macs_by_hand():
     grouped = 6 * 32 * 32 * 16 * (16 // 4) * 9
     row0 = text.splitlines()[1]
     assert f"{stem + grouped:,}" in row0 and f"{stem + grouped // 4:,}" in row0
-    # module 1: layer1.3 full; layer1.4, layer2.0 (with 1x1 shortcut), layer2.1 grouped
-    full = 2 * 32 * 32 * 16 * 16 * 9
-    grouped = (2 * 32 * 32 * 16 * 4 * 9 + 16 * 16 * 32 * 4 * 9 + 16 * 16 * 32 * 8 * 9 + 16 * 16 * 32 * 4
+    # module 1: layer1.3's conv1 full, its conv2 grouped (GN-DGL's entry block); layer1.4,
+    # layer2.0 (with 1x1 shortcut), layer2.1 grouped
+    full = 32 * 32 * 16 * 16 * 9
+    grouped = (3 * 32 * 32 * 16 * 4 * 9 + 16 * 16 * 32 * 4 * 9 + 16 * 16 * 32 * 8 * 9 + 16 * 16 * 32 * 4
                + 2 * 16 * 16 * 32 * 8 * 9)
     row1 = text.splitlines()[2]
     assert f"{full + grouped:,}" in row1 and f"{full + grouped // 4:,}" in row1

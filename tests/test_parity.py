@@ -184,3 +184,128 @@ def test_summary_lists_every_row_that_differs():
     text = summarise({"rows": [ok, bad, err]})
     assert "| ContSup | resnet32 | torch | 1/2 |" in text and "| ContSup | resnet32 | native | 0/1 |" in text
     assert "| b | torch | DIFFER | grads | 5.0e-01 | x.bias |" in text and "boom" in text
+
+
+# ------------------------------------------------------------------ presets made faithful (issue 20)
+
+def test_presets_per_dataset_follow_the_reference_tables():
+    """ContSup's networks_dev/configs.py: STL-10 has its own memory-balanced ResNet-110 splits
+    and STL-10 / SVHN their own equal-layer reconstruction weights; CIFAR-10's elsewhere."""
+    from contsup_fast.presets import preset_cuts, reconstruction_weights
+    assert preset_cuts("resnet110", 3, True, "stl10") == [(1, 8), (2, 1)]
+    assert preset_cuts("resnet110", 3, True, "cifar10") == [(1, 9), (2, 2)]
+    assert preset_cuts("resnet110", 3, True, "svhn") == [(1, 9), (2, 2)]      # no SVHN table: CIFAR-10's
+    assert preset_cuts("resnet110", 4, False, "stl10") == [(1, 11), (2, 7), (3, 3)]
+    assert reconstruction_weights("resnet110", 4, False, "stl10") == (20.0, 0.2, 5.0, 2.0)
+    assert reconstruction_weights("resnet110", 16, False, "svhn") == (5.0, 0.2, 0.5, 1.0)
+    assert reconstruction_weights("resnet110", 4, False, "cifar10") == (1.0, 0.0, 0.0, 1.0)
+    assert reconstruction_weights("resnet32", 4, False, "stl10") == (6.0, 0.0, 1.0, 2.0)  # no table: CIFAR-10's
+    # memory-balanced weights exist for CIFAR-10 only; ResNet-110 K=4 is ContSup's (5, 0, 0, 0.1)
+    assert reconstruction_weights("resnet110", 4, True, "cifar10") == (5.0, 0.0, 0.0, 0.1)
+
+
+def test_local_sequential_preset_dataset_selects_the_tables():
+    from contsup_fast import LocalSequential
+    from contsup_fast.models import resnet110
+    local = LocalSequential(resnet110(), K=3, context="R0", split="balanced", preset_dataset="stl10",
+                            input_size=(3, 96, 96), reconstruct=True)
+    assert local.cut_points == ["layer1_8", "layer2_1"]
+    assert local.split_source == "paper memory-balanced preset (stl10)"
+    with pytest.raises(ValueError, match="preset_dataset"):
+        LocalSequential(resnet110(), K=3, preset_dataset="cifar100")
+
+
+def test_auglocal_default_split_is_the_reference_prefix():
+    """AugLocal's train.py: net_config[:local_module_num - 1], the stem then every block; the
+    old default (cost-balanced) cut the last module at layer3.1 for 13 modules."""
+    from contsup_fast import LocalSequential
+    from contsup_fast.models import resnet32
+    from contsup_fast.presets import auglocal_cuts
+    finest = [(0, 0)] + [(s, b) for s in (1, 2, 3) for b in range(5)]
+    for K in (2, 11, 13, 15):
+        assert auglocal_cuts("resnet32", K) == finest[:K - 1]
+    assert auglocal_cuts("resnet32", 17) is None and auglocal_cuts("vgg11", 4) is None
+    assert auglocal_cuts("resnet110", 55) == [(0, 0)] + [(s, b) for s in (1, 2, 3) for b in range(18)][:53]
+    local = LocalSequential(resnet32(), K=13, context="R0", aux="auglocal", aux_depth=3)
+    assert local.split_source == "AugLocal preset" and local.cut_points[-1] == "layer3_0"
+    cost = LocalSequential(resnet32(), K=13, context="R0", aux="auglocal", aux_depth=3, split="cost")
+    assert cost.split_source == "cost-balanced"
+
+
+def test_infopro_row_notes_name_the_deliberate_weights():
+    from bench.parity.infopro import InfoProConfig, row_notes
+    same = InfoProConfig("resnet32", 4, "R0", "contrast", True, False, weights=(6.0, 0.0, 1.0, 2.0))
+    assert row_notes(same) == {"weights": "preset"}
+    other = InfoProConfig("resnet110", 4, "R0", "contrast", True, True, weights=(5.0, 0.0, 5.0, 0.1))
+    notes = row_notes(other)
+    assert notes["weights"] == "explicit" and "(5.0, 0.0, 0.0, 0.1)" in notes["deliberate"]
+
+
+# ------------------------------------------------------------------ GN-DGL harness (no reference needed)
+
+def test_gndgl_commands_parsing(tmp_path):
+    from bench.parity.gndgl import command_configs
+    d = tmp_path / "Multilayer_GN_DGL"
+    d.mkdir()
+    common = ("--droprate 0.0 --cos_lr --local_loss_mode cross_entropy --aux_net_widen 1 --aux_net_feature_dim 128 "
+              "--aux_net_config 1c2f --detach --detach-ratio 1.0 --div-reg --div-temp 3.0 --div-weight 0.5 "
+              "--eval-ensemble --ensemble-type layerwise")
+    (d / "commands.sh").write_text(
+        f"python train.py --dataset cifar10 --model resnet --layers 32 --local_module_num 4 --groups 1 "
+        f"--wide-list 16,16,32,64 {common}\n"
+        f"python train.py --dataset cifar10 --model resnet --layers 32 --local_module_num 4 --groups 2 "
+        f"--wide-list 32,32,64,128 {common}\n")
+    (cfg,) = command_configs(str(tmp_path))            # the --groups 1 baseline is not GN-DGL
+    assert (cfg.K, cfg.G, cfg.widths, cfg.head_width) == (4, 2, (32, 32, 64, 128), 256)
+    assert cfg.name == "GN-DGL resnet32x2 K=4 G=2"
+    (d / "commands.sh").write_text(
+        "python train.py --dataset cifar10 --model resnet --layers 32 --local_module_num 4 --groups 2 "
+        "--wide-list 16,16,32,64 --aux_net_config 1c2f\n")
+    with pytest.raises(ValueError, match="does not build"):
+        command_configs(str(tmp_path))
+
+
+class _FakeGN(nn.Module):
+    """The state names of GN-DGL's InfoProResNet (K=2, G=2) on a tiny body."""
+
+    def __init__(self):
+        super().__init__()
+        self.infopro_config = [[2, 1], [3, 1]]
+        self.layer3 = nn.Sequential(nn.Identity(), nn.Identity())
+        self.conv1 = nn.Conv2d(3, 4, 3)
+        for g in range(2):
+            setattr(self, f"aux_classifier_2_1_{g}", nn.Module())
+            getattr(self, f"aux_classifier_2_1_{g}").head = nn.Sequential(
+                nn.Conv2d(4, 8, 3), nn.BatchNorm2d(8), nn.ReLU(), nn.Identity(), nn.Identity(), nn.Linear(8, 3))
+            setattr(self, f"aux_classifier_3_1_{g}", nn.Module())
+            getattr(self, f"aux_classifier_3_1_{g}").head = nn.Sequential(nn.Conv2d(4, 8, 3))
+        self.head = nn.Sequential(nn.Conv2d(4, 8, 3))
+
+
+def test_gndgl_name_map_targets():
+    from bench.parity.gndgl import cut_names, name_map
+    ref = _FakeGN()
+    ours_state = {"local_modules.0.body.conv1.weight": None, "local_modules.0.body.conv1.bias": None}
+
+    class Ours:
+        def state_dict(self):
+            return ours_state
+
+    nmap = name_map(ref, Ours())
+    assert nmap["conv1.weight"] == "local_modules.0.body.conv1.weight"
+    assert nmap["aux_classifier_2_1_1.head.0.weight"] == "local_modules.0.head.heads.1.convs.0.weight"
+    assert nmap["aux_classifier_2_1_0.head.1.running_var"] == "local_modules.0.head.heads.0.norm.running_var"
+    assert nmap["aux_classifier_2_1_0.head.5.bias"] == "local_modules.0.head.heads.0.mlp.0.bias"
+    # the group heads at the network's end and the final classifier head have no counterpart
+    assert nmap["aux_classifier_3_1_0.head.0.weight"] is None and nmap["head.0.weight"] is None
+    assert cut_names([(0, 0), (2, 1)]) == ["relu", "layer2.1"]
+
+
+def test_parity_json_is_in_the_results_schema(tmp_path):
+    """bench.parity writes with bench.common.write_results; the committed file validates."""
+    from bench.common import SCHEMA, RESULTS, validate
+    import json
+    committed = RESULTS / "parity_cpu.json"
+    obj = json.loads(committed.read_text())
+    assert obj["schema"] == SCHEMA and obj["benchmark"] == "parity"
+    assert validate(obj, allow_legacy=False) == "current"

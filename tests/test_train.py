@@ -204,6 +204,7 @@ def test_split_and_defaults_parsing():
     a = p.parse_args([])
     assert (a.K, a.context, a.aux, a.loss, a.epochs, a.batch_size) == (16, "RnE", None, "ce", 160, 1024)
     assert p.parse_args(["--split", "balanced"]).split == "balanced"
+    assert p.parse_args(["--split", "cost"]).split == "cost"
     assert p.parse_args(["--split", "none"]).split is None
     assert p.parse_args(["--split", "1,5,layer2.0"]).split == [1, 5, "layer2.0"]
     f = T._lr_lambda(10, 100)

@@ -1,4 +1,4 @@
-"""``python -m bench.parity``: float64 parity of LocalSequential against the authors' code (ContSup, InfoPro, AugLocal, DGL).
+"""``python -m bench.parity``: float64 parity of LocalSequential against the authors' code (ContSup, InfoPro, AugLocal, DGL, GN-DGL).
 
     python -m bench.parity --ref-dir .refs                       # every command.sh line, torch + native
     python -m bench.parity --backends triton --only 'resnet32 K=4 R1E'   # Triton interpreter, a subset
@@ -16,13 +16,15 @@ per class present) after the reference's BatchNorms are randomised and its state
 ours through an explicit name map, then two more SGD steps (the reference's optimiser: momentum
 0.9, Nesterov, weight decay 1e-4, its first-epoch learning rate 0.01). The table shows the
 largest relative error per compared quantity; MATCH is every one <= 1e-9 and a clean name map.
-JSON: ``bench/results/parity_cpu.json`` (``--name`` to change).
+JSON: ``bench/results/parity_cpu.json`` (``--name`` to change), in the results schema
+``contsup_fast.bench/1`` (:func:`bench.common.write_results`; ``--append`` also reads the legacy
+form).
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import gc
-import json
 import os
 import re
 import shlex
@@ -34,20 +36,24 @@ from typing import List, Optional
 import torch
 
 #: a small set covering every context mode, both losses, the decoder, both models, the balanced
-#: split and the K without a cut in the widest stage (K=2); used by ``--quick`` and the tests.
+#: split and the K without a cut in the widest stage (K=2), AugLocal's split preset, InfoPro's one
+#: line with explicit weights and GN-DGL; used by ``--quick`` and the tests.
 QUICK = ["resnet32 K=2 R1E ce", "resnet32 K=4 E supcon", "resnet32 K=4 R1E ce +recon",
          "resnet32 K=8 R2 ce", "resnet32 K=16 R0 ce", "resnet32 K=16 R1 supcon",
          "resnet110 K=3 E supcon balanced", "InfoPro resnet32 K=4 R0 supcon \\+recon",
-         "DGL mlp-sr head 32x16x16", r"AugLocal resnet32 K=16 d=1 gamma=0.5 \(15 modules, ref split\)"]
+         "DGL mlp-sr head 32x16x16", r"AugLocal resnet32 K=16 d=1 gamma=0.5 \(15 modules, ref split\)",
+         r"AugLocal resnet32 K=16 d=3 gamma=0.5 \(13 modules, our split\)",
+         "InfoPro resnet110 K=4 R0 supcon \\+recon balanced", "GN-DGL resnet32 K=4 G=2", "GN-DGL resnet32 K=1 G=4"]
 
 REFERENCES = {"ContSup": "github.com/Tab-ct/ContSup (networks_dev, train.py, command.sh)",
               "InfoPro": "github.com/blackfeather-wang/InfoPro-Pytorch (Experiments on CIFAR-SVHN-STL10: "
                          "networks, train.py, comand.sh)",
               "DGL": "github.com/eugenium/DGL (auxiliary_nets_study/models.py, mlp-sr head)",
-              "AugLocal": "github.com/ChenxiangMA/AugLocal (networks, train.py, run.sh)"}
+              "AugLocal": "github.com/ChenxiangMA/AugLocal (networks, train.py, run.sh)",
+              "GN-DGL": "github.com/adeetyapatel12/GN-DGL (Multilayer_GN_DGL: networks, utils.py, commands.sh)"}
 
 #: the references this harness runs, by ``--references`` name
-SIDES = {"contsup": "contsup", "infopro": "infopro", "dgl": "dgl", "auglocal": "auglocal"}
+SIDES = {"contsup": "contsup", "infopro": "infopro", "dgl": "dgl", "auglocal": "auglocal", "gndgl": "gndgl"}
 
 
 def reference_dir(arg: Optional[str]) -> str:
@@ -89,14 +95,14 @@ def run_config(mods, cfg, backend: str, batch: int, steps: int = 3, seed: int = 
            "our_split": list(ours.cut_points), "verdict": verdict(cmp, report) if split_same else "DIFFER",
            "max_rel": max(c["rel"] for c in cmp.values()),
            **{f"{k}_rel": v["rel"] for k, v in cmp.items()}, "comparison": cmp, "name_map": report.summary(),
-           "seconds": time.perf_counter() - t0}
+           **(side.row_notes(cfg) if hasattr(side, "row_notes") else {}), "seconds": time.perf_counter() - t0}
     del ref, ours, rec_ours, rec_ref
     gc.collect()
     return row
 
 
 COLUMNS = ["config", "backend", "batch", "verdict", "losses_rel", "inputs_rel", "outputs_rel", "logits_rel",
-           "grads_rel", "grads_zero_rel", "running_stats_rel", "eval_logits_rel", "params_rel", "updates_rel", "seconds"]
+           "grads_rel", "grads_zero_rel", "running_stats_rel", "eval_logits_rel", "eval_outputs_rel", "params_rel", "updates_rel", "seconds"]
 
 
 def select(cfgs, only: Optional[List[str]]):
@@ -168,7 +174,7 @@ def main(argv=None) -> List[dict]:
     if args.against_torch:
         return _against_torch(args)
     from contsup_fast.fused import available_backends
-    from ..common import RESULTS, environment, format_table, write_json
+    from ..common import RESULTS, environment, format_table, load_results, write_results
     import importlib
     from . import contsup as C
     root = reference_dir(args.ref_dir)
@@ -183,20 +189,19 @@ def main(argv=None) -> List[dict]:
     done = set()
     previous = Path(args.out or RESULTS) / f"{args.name}.json"
     if args.append and previous.is_file():
-        old = json.loads(previous.read_text())
+        old = load_results(previous)  # the current schema or the legacy form
         rows += old["rows"]
-        commands = old.get("commands", [old.get("command")]) + [command]
+        commands = old.get("commands") or [old.get("command")]
+        commands = [c for c in commands if c] + [command]
         done = {(r["config"], r["backend"]) for r in rows}
 
     def save():
-        payload = {"environment": environment(torch.device("cpu")), "references": REFERENCES,
-                   "commands": commands,
-                   "settings": {"backends": backends, "batch": args.batch, "batch_110": args.batch_110,
-                                "batch_96": args.batch_96, "steps": args.steps, "threads": args.threads,
-                                "lr": C.REF_LR, "dtype": "float64", "tolerance": 1e-9,
-                                "triton_interpret": os.environ.get("TRITON_INTERPRET")},
-                   "rows": rows}
-        return write_json(args.name, payload, args.out)
+        settings = {"backends": backends, "batch": args.batch, "batch_110": args.batch_110,
+                    "batch_96": args.batch_96, "steps": args.steps, "threads": args.threads,
+                    "lr": C.REF_LR, "dtype": "float64", "tolerance": 1e-9,
+                    "triton_interpret": os.environ.get("TRITON_INTERPRET")}
+        return write_results(args.name, "parity", environment(torch.device("cpu")), settings, rows, args.out,
+                             references=REFERENCES, commands=commands)
 
     def add(row):
         rows.append(row)
@@ -229,9 +234,12 @@ def main(argv=None) -> List[dict]:
                 if (cfg.name, b) in done:
                     continue
                 try:
-                    row = run_config(mods, cfg, b, batch, args.steps, side=side)
+                    if hasattr(side, "run_model"):  # a reference with its own comparison (GN-DGL)
+                        row = side.run_model(mods, cfg, b, batch, args.steps)
+                    else:
+                        row = run_config(mods, cfg, b, batch, args.steps, side=side)
                 except Exception as exc:  # a configuration that cannot be built or run is a result too
-                    row = {"reference": side.REFERENCE, "config": cfg.name, **C.config_dict(cfg), "backend": b,
+                    row = {"reference": side.REFERENCE, "config": cfg.name, **dataclasses.asdict(cfg), "backend": b,
                            "batch": batch, "verdict": "ERROR", "error": f"{type(exc).__name__}: {exc}"}
                 add(row)
     print()

@@ -10,8 +10,8 @@ two rows:
 * ``ref split``: ours is ``LocalSequential(CifarResNet(32), K=16-d, aux="auglocal",
   aux_depth=d, aux_pyramid=0.5, context="R0", split=<the reference's cuts>,
   context_mean=None)``: heads, depth schedule and losses under test;
-* ``our split``: the same with ``split=None`` (what a user of ours gets for that K): the K
-  mapping under test; it differs wherever our cut points differ from the reference's.
+* ``our split``: the same with ``split=None`` (what a user of ours gets for that K, AugLocal's
+  split preset :func:`contsup_fast.presets.auglocal_cuts`): the K mapping under test.
 
 Only the CIFAR-10 ResNet-32 lines are run (the ResNet-110 lines have 50-54 local modules with
 heads of up to 5 residual blocks each, too slow in float64 on a 2-core CPU).

@@ -10,8 +10,9 @@ Both sides are built from one :class:`Config` the way each codebase's user would
 reference as its ``train.py`` builds it (``--aux_net_config 1c2f --aux_net_widen 1
 --aux_net_feature_dim 128 --droprate 0``), ours as ``LocalSequential(CifarResNet(depth),
 K, context, loss, reconstruct, split="balanced" if --balanced_memory, backend,
-context_mean=None, image_mean/std = the reference's constants)``, every other option at
-its default (so our split tables, head widths and loss weights are under test).
+context_mean=None, image_mean/std = the reference's constants, preset_dataset=--dataset)``,
+every other option at its default (so our split tables, head widths and loss weights, those of
+STL-10 and SVHN included, are under test).
 
 Run-time shims (nothing in the reference's files is changed): while the reference is
 constructed, ``Tensor.cuda()`` returns the tensor (its constructor moves two normalisation
@@ -33,7 +34,7 @@ import torch
 from torch import Tensor, nn
 
 from ..reference_contsup import _cuda_call_is_identity, load_reference
-from .core import (MapReport, copy_by_map, named_grads, randomize_bn, record_ours_step, sgd)
+from .core import (MapReport, copy_by_map, named_grads, randomize_bn, record_ours_step, recording_backward, sgd)
 
 __all__ = ["Config", "command_configs", "EXTRA", "load", "build_reference", "build_ours", "name_map",
            "record_ref_step", "loss_scale", "REF_CIFAR_MEAN", "REF_CIFAR_STD"]
@@ -163,16 +164,15 @@ def build_ours(cfg: Config, backend: str, configs_mod=None) -> nn.Module:
     from contsup_fast.models.cifar_resnet import CifarResNet
     from contsup_fast.local import REFERENCE_CIFAR_MEAN, REFERENCE_CIFAR_STD
     # the library's option for the reference's constants (CLI --normalization reference)
+    from contsup_fast.presets import PRESET_DATASETS
     mean, std = (REFERENCE_CIFAR_MEAN, REFERENCE_CIFAR_STD) if "cifar" in cfg.dataset else cfg.normalisation
-    weights = None
-    if cfg.h_reconstruct and cfg.dataset != "cifar10" and configs_mod is not None:
-        # our preset table is CIFAR-10's: for another dataset pass the reference's weights
-        weights = loss_scale(configs_mod, cfg)
     with _default_dtype(torch.float64):
         model = CifarResNet(int(cfg.model[len("resnet"):]), num_classes=cfg.classes)
+        # the dataset's preset tables (split, loss weights), as the CLI's --dataset selects them
         local = LocalSequential(model, K=cfg.K, context=cfg.context,
                                 loss="ce" if cfg.loss == "cross_entropy" else "supcon",
-                                reconstruct=cfg.h_reconstruct, reconstruct_weights=weights,
+                                reconstruct=cfg.h_reconstruct,
+                                preset_dataset=cfg.dataset if cfg.dataset in PRESET_DATASETS else "cifar10",
                                 split="balanced" if cfg.balanced else None, backend=backend,
                                 feature_dim=128, input_size=(3, cfg.image_size, cfg.image_size),
                                 image_mean=mean, image_std=std, context_mean=None)
@@ -271,17 +271,10 @@ def record_ref_step(net: nn.Module, x: Tensor, y: Tensor, scale) -> Dict[str, Di
         lambda mod, args: hs.append(args[0].detach().clone())) for s, b in cut_table(net)]
     if node is not None:
         hooks.append(node.register_forward_hook(lambda mod, args, out: As.append(out[0].detach().clone())))
-    original = torch.Tensor.backward
-
-    def recording_backward(self, *a, **k):
-        losses.append(self.detach().clone())
-        return original(self, *a, **k)
-
-    torch.Tensor.backward = recording_backward
     try:
-        logits = net(img=x, target=y, ixx_1=scale[0], ixy_1=scale[1], ixx_2=scale[2], ixy_2=scale[3])[0]
+        with recording_backward(losses):
+            logits = net(img=x, target=y, ixx_1=scale[0], ixy_1=scale[1], ixx_2=scale[2], ixy_2=scale[3])[0]
     finally:
-        torch.Tensor.backward = original
         for h in hooks:
             h.remove()
     if node is None:

@@ -17,15 +17,19 @@ category)`` (see :data:`CATEGORY_FLOOR`), and the name of the worst tensor. A co
 """
 from __future__ import annotations
 
+import contextlib
 import re
+import shlex
 from dataclasses import dataclass, field
-from typing import Callable, Dict, Iterable, List, Mapping, Optional, Tuple
+from pathlib import Path
+from typing import Callable, Dict, Iterable, Iterator, List, Mapping, Optional, Tuple
 
 import torch
 from torch import Tensor, nn
 
 __all__ = ["TOLERANCE", "MapReport", "rel_err", "copy_by_map", "randomize_bn", "compare_records",
-           "verdict", "record_ours_step", "sgd", "labels_with_positives", "STEP_CATEGORIES"]
+           "verdict", "record_ours_step", "sgd", "labels_with_positives", "STEP_CATEGORIES", "train_py_lines",
+           "recording_backward"]
 
 #: relative error at or below which a float64 quantity counts as matching.
 TOLERANCE = 1e-9
@@ -239,3 +243,33 @@ def named_grads(module: nn.Module, names: Callable[[str], Optional[str]]) -> Dic
             g = p.grad.detach().clone() if p.grad is not None else torch.zeros_like(p)
             out["grads_zero" if ZERO_GRAD.search(k) else "grads"][k] = g
     return out
+
+
+def train_py_lines(path) -> Iterator[Dict[str, object]]:
+    """The arguments of every ``python train.py`` line of a reference's shell script ``path``
+    (comment lines skipped): ``{name: value}`` without the leading ``--``, a flag with no value
+    (``store_true``) giving True."""
+    for line in Path(path).read_text().splitlines():
+        if "train.py" not in line or line.lstrip().startswith("#"):
+            continue
+        toks = shlex.split(line)
+        yield {t[2:]: (toks[i + 1] if i + 1 < len(toks) and not toks[i + 1].startswith("--") else True)
+               for i, t in enumerate(toks) if t.startswith("--")}
+
+
+@contextlib.contextmanager
+def recording_backward(losses: List[Tensor]):
+    """While active, every ``Tensor.backward`` call also appends a detached copy of its tensor
+    to ``losses`` (the references back-propagate their local losses inside ``forward`` and
+    return none of them)."""
+    original = torch.Tensor.backward
+
+    def backward(self, *a, **k):
+        losses.append(self.detach().clone())
+        return original(self, *a, **k)
+
+    torch.Tensor.backward = backward
+    try:
+        yield losses
+    finally:
+        torch.Tensor.backward = original

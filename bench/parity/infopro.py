@@ -8,15 +8,16 @@ interpolated linearly from the first to the (K-1)-th module. Configurations are 
 ``comand.sh`` lines (sic), whose weights are given on the command line; ours is built as a
 user would, ``LocalSequential(CifarResNet(depth), K, context="R0", loss, reconstruct=True,
 split="balanced" if --balanced_memory, context_mean=None, image_mean/std = the reference's)``
-with OUR preset weights on CIFAR-10 (so the K presets are under test) and the command line's
-weights on the other datasets (our table is CIFAR-10's). The name map and the step recorder
+with ``preset_dataset`` the line's dataset and OUR preset weights (so the K presets and the
+per-dataset tables are under test) wherever they equal the line's; where they do not (ContSup's
+table and InfoPro's command line disagree: :func:`row_notes`) ours gets the line's weights and
+the row records the deliberate difference. The name map and the step recorder
 are :mod:`bench.parity.contsup`'s (the InfoPro model has the same attribute names, less the
 context node).
 """
 from __future__ import annotations
 
 import importlib
-import shlex
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,6 +28,7 @@ from torch import nn
 
 from ..reference_contsup import _cuda_call_is_identity
 from .contsup import Config, _default_dtype
+from .core import train_py_lines
 
 __all__ = ["REFERENCE", "SUBDIR", "InfoProConfig", "command_configs", "load", "build_reference", "build_ours",
            "loss_scale"]
@@ -50,14 +52,8 @@ class InfoProConfig(Config):
 
 def command_configs(ref_dir: str) -> List[InfoProConfig]:
     """Every ``python train.py`` line of InfoPro's ``comand.sh``, deduplicated in file order."""
-    text = (Path(ref_dir) / SUBDIR / "comand.sh").read_text()
     seen, out = set(), []
-    for line in text.splitlines():
-        if "train.py" not in line or line.lstrip().startswith("#"):
-            continue
-        toks = shlex.split(line)
-        args = {t[2:]: (toks[i + 1] if i + 1 < len(toks) and not toks[i + 1].startswith("--") else True)
-                for i, t in enumerate(toks) if t.startswith("--")}
+    for args in train_py_lines(Path(ref_dir) / SUBDIR / "comand.sh"):
         cfg = InfoProConfig(model=f"resnet{args['layers']}", K=int(args["local_module_num"]), context="R0",
                             loss=args.get("local_loss_mode", "contrast"), h_reconstruct=True,
                             balanced=bool(args.get("balanced_memory", False)),  # store_true there
@@ -99,17 +95,35 @@ def loss_scale(_configs_mod, cfg: InfoProConfig):
     return cfg.weights
 
 
+def preset_weights(cfg: InfoProConfig):
+    """Our preset reconstruction weights for ``cfg`` (ContSup's reference tables)."""
+    from contsup_fast.presets import reconstruction_weights
+    w = reconstruction_weights(cfg.model, cfg.K, cfg.balanced, cfg.dataset)
+    return None if w is None else tuple(float(v) for v in w)
+
+
+def row_notes(cfg: InfoProConfig) -> dict:
+    """A deliberate difference this row works around: where InfoPro's command line gives other
+    loss weights than our preset (ContSup's table), ours is built with the line's weights, as
+    a user reproducing that line would pass them (``reconstruct_weights=``)."""
+    ours = preset_weights(cfg)
+    if ours == cfg.weights:
+        return {"weights": "preset"}
+    return {"weights": "explicit", "deliberate": f"InfoPro's comand.sh gives the loss weights {cfg.weights}; our "
+            f"preset {ours} is ContSup's table (networks_dev/configs.py); built with reconstruct_weights={cfg.weights}"}
+
+
 def build_ours(cfg: InfoProConfig, backend: str, _configs_mod=None) -> nn.Module:
     """Our ``LocalSequential`` for ``cfg`` (see the module docstring), float64."""
     from contsup_fast import LocalSequential
     from contsup_fast.local import REFERENCE_CIFAR_MEAN, REFERENCE_CIFAR_STD
     from contsup_fast.models.cifar_resnet import CifarResNet
     mean, std = (REFERENCE_CIFAR_MEAN, REFERENCE_CIFAR_STD) if "cifar" in cfg.dataset else cfg.normalisation
-    weights = None if cfg.dataset == "cifar10" else cfg.weights
+    weights = None if preset_weights(cfg) == cfg.weights else cfg.weights
     with _default_dtype(torch.float64):
         model = CifarResNet(int(cfg.model[len("resnet"):]), num_classes=cfg.classes)
         local = LocalSequential(model, K=cfg.K, context="R0", loss="ce" if cfg.loss == "cross_entropy" else "supcon",
-                                reconstruct=True, reconstruct_weights=weights,
+                                reconstruct=True, reconstruct_weights=weights, preset_dataset=cfg.dataset,
                                 split="balanced" if cfg.balanced else None, backend=backend, feature_dim=128,
                                 input_size=(3, cfg.image_size, cfg.image_size), image_mean=mean, image_std=std,
                                 context_mean=None)

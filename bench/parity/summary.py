@@ -6,15 +6,14 @@ with its worst quantity and tensor.
 """
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 from typing import Dict, List
 
-from ..common import RESULTS
+from ..common import RESULTS, load_results
 
 QUANTITIES = ["losses", "inputs", "outputs", "logits", "grads", "grads_zero", "running_stats", "eval_logits",
-              "params", "updates"]
+              "eval_outputs", "params", "updates"]
 
 
 def _fmt(v) -> str:
@@ -54,7 +53,7 @@ def summarise(payload: Dict) -> str:
 def main(argv=None) -> str:
     argv = sys.argv[1:] if argv is None else argv
     path = Path(argv[0]) if argv else RESULTS / "parity_cpu.json"
-    text = summarise(json.loads(path.read_text()))
+    text = summarise(load_results(path))
     print(text)
     return text
 

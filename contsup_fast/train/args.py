@@ -90,13 +90,13 @@ def _split_arg(s: str):
     s = s.strip()
     if s.lower() in ("", "none"):
         return None
-    if s.lower() == "balanced":
-        return "balanced"
+    if s.lower() in ("balanced", "cost"):
+        return s.lower()
     items = [t.strip() for t in s.split(",") if t.strip()]
     try:
         return [int(t) if t.lstrip("-").isdigit() else t for t in items]
     except ValueError:
-        raise argparse.ArgumentTypeError(f"--split: expected none, balanced or a comma list, "
+        raise argparse.ArgumentTypeError(f"--split: expected none, balanced, cost or a comma list, "
                                          f"got {s!r}")
 
 
@@ -141,8 +141,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--reconstruct", action="store_true",
                    help="add the InfoPro-style image-reconstruction local loss")
     g.add_argument("--split", type=_split_arg, default=None,
-                   help="where to cut: none (paper preset / cost-balanced), balanced "
-                        "(memory-balanced), or a comma list of cut indices or node names")
+                   help="where to cut: none (paper preset / cost-balanced; --aux auglocal: AugLocal's "
+                        "split), balanced (memory-balanced; per --dataset where the paper has a table), "
+                        "cost (cost-balanced, no preset), or a comma list of cut indices or node names")
     g.add_argument("--context-gate", default="none", choices=("none", "ramp", "learned"),
                    help="scale every context term by a gate g: none (the paper's form, g=1), ramp "
                         "(g rises linearly from 0 to 1 over --context-gate-epochs), learned (one "

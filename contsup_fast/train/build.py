@@ -13,6 +13,7 @@ import numpy as np
 import torch
 
 from .. import data as D
+from ..presets import PRESET_DATASETS
 from .args import _fail
 
 if TYPE_CHECKING:
@@ -159,6 +160,7 @@ def _build_trainer(parser, args, par, data, steps_per_epoch: int) -> SimpleNames
                         reconstruct=args.reconstruct, split=args.split, backend=args.backend,
                         aux_depth=args.aux_depth, aux_pyramid=args.aux_pyramid,
                         width_groups=args.width_groups,
+                        preset_dataset=args.dataset.lower() if args.dataset.lower() in PRESET_DATASETS else "cifar10",
                         n=args.n, input_size=(3,) + tuple(data.image_size),
                         image_mean=data.mean, image_std=data.std)
     try:
