@@ -227,13 +227,6 @@ def write_results(name: str, benchmark: str, environment: Dict[str, Any], settin
     return _write_json(name, results_payload(benchmark, environment, settings, rows, **extra), out_dir)
 
 
-def write_json(name: str, payload: Dict[str, object], out_dir: Optional[Path] = None) -> Path:
-    """Legacy: write any ``payload`` unchanged. Only ``bench.parity`` and
-    ``kernels/compile_report.py`` still call it, until they move to :func:`write_results`;
-    remove it then."""
-    return _write_json(name, payload, out_dir)
-
-
 def load_results(path) -> Dict[str, Any]:
     """Read a results file in any accepted form and return it in the current form (a legacy
     file's benchmark is taken from its file name, its missing environment keys are None)."""
