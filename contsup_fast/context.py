@@ -47,12 +47,13 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
 from .fused.chunked import image_context_chunked
 from .fused.reference import update_running_stats
 
 __all__ = ["ContextSpec", "parse_context", "ImageEncoder", "ResidualEncoder", "ContextTerms", "BoundaryContext",
-           "GATES", "MEANS", "check_gate", "check_mean"]
+           "GATES", "MEANS", "check_gate", "check_mean", "recomputed_term"]
 
 #: context gates: None (the paper's form, g = 1), "ramp" (g = min(1, t / T) over the first T
 #: training steps, no parameters), "learned" (one learnable scalar per term, g = |theta|,
@@ -284,6 +285,66 @@ def _integer_scale(src: Tensor, dst: Tensor) -> bool:
     return hs % hd == 0 and ws % wd == 0 and hs // hd == ws // wd
 
 
+@contextlib.contextmanager
+def _running_stats_frozen(enc: nn.Module):
+    """Within the block, ``enc``'s BatchNorms update copies of their running buffers (and of
+    ``num_batches_tracked``), thrown away at its end: the originals are left unchanged, and
+    the BatchNorms save the same tensors for the backward as they do outside it."""
+    names = ("running_mean", "running_var", "num_batches_tracked")
+    kept = []
+    for m in enc.modules():
+        if isinstance(m, nn.BatchNorm2d) and m.track_running_stats:
+            kept.append((m, [getattr(m, n) for n in names]))
+            for n in names:
+                setattr(m, n, getattr(m, n).clone())
+    try:
+        yield
+    finally:
+        for m, bufs in kept:
+            for n, b in zip(names, bufs):
+                setattr(m, n, b)
+
+
+def recomputed_term(enc: nn.Module, src: Tensor, size: Sequence[int]) -> Tensor:
+    """``enc(src, size)`` for a context term that no fused op covers (the source is not an
+    integer multiple of the target size, e.g. AlexNet's 64x64 image to a 7x7 boundary),
+    keeping only ``src`` for the backward.
+
+    The eager encoders run at the source's resolution before pooling: E's second convolution
+    makes (N, C, H_img, W_img) maps, an R term's 1x1 convolution (N, C, H_src, W_src), and
+    autograd would keep several such maps until module j+1's backward, more than the whole
+    network keeps end to end at a large target width and stride. Here the term runs under
+    non-reentrant activation checkpointing (:func:`torch.utils.checkpoint.checkpoint`): its
+    intermediate maps are recomputed from ``src`` in the backward. The recompute normalises
+    with the same batch statistics but does not update the BatchNorms' running buffers a
+    second time (:func:`_running_stats_frozen`), so values, gradients and running statistics
+    equal the plain call's. Outside training with autograd recording, under tracing, or with
+    a BatchNorm of another class (``SyncBatchNorm``, whose recompute would communicate in the
+    backward), it is the plain call.
+
+    Args:
+        enc: an :class:`ImageEncoder` or :class:`ResidualEncoder`.
+        src: (N, C_src, H_src, W_src) the image or the earlier module input it reads.
+        size: the target (H, W).
+
+    Returns:
+        (N, C, H, W), as ``enc(src, size)``.
+    """
+    plain = all(type(m) is nn.BatchNorm2d for m in enc.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm))
+    if not (enc.training and torch.is_grad_enabled() and plain) or torch.compiler.is_compiling():
+        return enc(src, size)
+    calls = []
+
+    def run(s: Tensor) -> Tensor:
+        calls.append(None)
+        if len(calls) == 1:
+            return enc(s, size)
+        with _running_stats_frozen(enc):  # the backward's recompute
+            return enc(s, size)
+
+    return checkpoint(run, src, use_reentrant=False)
+
+
 class ContextTerms(nn.Module):
     """What every boundary's context shares, whatever the layout: the encoders (``image``, E
     or None; ``residual``, the R terms, each with a ``source`` index), the context gate and
@@ -379,7 +440,7 @@ class BoundaryContext(ContextTerms):
         fused = [(e, g) for e, g in zip(self.residual, g_res) if _integer_scale(inputs[e.source], h)]
         for enc, g in zip(self.residual, g_res):
             if not _integer_scale(inputs[enc.source], h):
-                out = out + _scaled(enc(inputs[enc.source], h.shape[-2:]), g)
+                out = out + _scaled(recomputed_term(enc, inputs[enc.source], h.shape[-2:]), g)
         if fused:
             cs = [inputs[e.source] for e, _ in fused]
             bns = [e.bn for e, _ in fused]
@@ -402,7 +463,9 @@ class BoundaryContext(ContextTerms):
         if self.image is not None:
             out = self._image_term(out, x, image_context_chunked, g_image)
         for enc, g in zip(self.residual, g_res):
-            out = out + _scaled(enc(inputs[enc.source], size), g)
+            src = inputs[enc.source]
+            term = enc(src, size) if _integer_scale(src, h) else recomputed_term(enc, src, size)
+            out = out + _scaled(term, g)
         return out
 
     def _image_term(self, out: Tensor, x: Tensor, image_context: Callable, g=None) -> Tensor:
@@ -413,7 +476,7 @@ class BoundaryContext(ContextTerms):
         if _integer_scale(x, out) and type(self.image.bn2) is nn.BatchNorm2d:
             gamma, beta = _scaled_affine(self.image.bn2, g)
             return self.image.add_to(out, x, image_context, gamma, beta)
-        return out + _scaled(self.image(x, out.shape[-2:]), g)
+        return out + _scaled(recomputed_term(self.image, x, out.shape[-2:]), g)
 
 
 def _scaled(term: Tensor, g) -> Tensor:
