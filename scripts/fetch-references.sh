@@ -20,7 +20,7 @@ REPOS=(
   "ChenxiangMA/AugLocal 98c90d61455cc00d5d8f31f485bfbaa0ece073a0"
   "adeetyapatel12/GN-DGL b7a3c1a9be326c8189f862b9cc3e5f25be6ecdda"
 )
-if [ "$DIR" = "$ROOT/.refs" ] && ! git -C "$ROOT" check-ignore -q .refs; then
+if [ "$DIR" = "$ROOT/.refs" ] && ! git -C "$ROOT" check-ignore -q .refs/; then  # the slash: .refs need not exist yet
   echo "fetch-references: .refs is not git-ignored here (add /.refs/ to .gitignore)" >&2
   exit 2
 fi

@@ -58,10 +58,15 @@ class AugLocalConfig(Config):
                 f"({self.modules} modules, {'ref' if self.ref_split else 'our'} split)")
 
 
+#: ``--local_module_num`` of run.sh's AugLocal lines per model
+RUN_SH_K = {"resnet32": 16, "resnet110": 55}
+
+
 def command_configs(_ref_dir: str) -> List[AugLocalConfig]:
-    """The ResNet-32 AugLocal lines of ``run.sh``, each with the reference's split and with ours."""
-    return [AugLocalConfig("resnet32", 16, "R0", "cross_entropy", source="run.sh", depth=d, gamma=0.5, ref_split=r)
-            for d in (1, 3, 5) for r in (True, False)]
+    """The AugLocal lines of ``run.sh`` (ResNet-32 and ResNet-110, d = 1, 3, 5), each with the
+    reference's split and with ours."""
+    return [AugLocalConfig(model, k, "R0", "cross_entropy", source="run.sh", depth=d, gamma=0.5, ref_split=r)
+            for model, k in RUN_SH_K.items() for d in (1, 3, 5) for r in (True, False)]
 
 
 def load(ref_dir: str):
