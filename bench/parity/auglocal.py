@@ -1,8 +1,8 @@
 """Parity against the authors' AugLocal code (github.com/ChenxiangMA/AugLocal, ``networks/`` and
 ``train.py``; Ma et al., ICLR 2024), imported at run time from ``<ref-dir>/AugLocal``.
 
-Configurations: the ResNet-32 AugLocal lines of its ``run.sh`` (``--local_module_num 16
---aux_net_depth d --pyramid --pyramid_coeff 0.5``, d = 1, 3, 5). Its ``train.py`` turns
+Configurations: the AugLocal lines of its ``run.sh`` (``--local_module_num 16`` for ResNet-32,
+55 for ResNet-110, ``--aux_net_depth d --pyramid --pyramid_coeff 0.5``, d = 1, 3, 5). Its ``train.py`` turns
 ``--rule AugLocal`` into ``local_module_num - aux_net_depth`` local modules, cut at the first
 entries of its finest split (``network_config[arch]['net_config'][:K-1]``). Each line gives
 two rows:
@@ -12,9 +12,6 @@ two rows:
   context_mean=None)``: heads, depth schedule and losses under test;
 * ``our split``: the same with ``split=None`` (what a user of ours gets for that K, AugLocal's
   split preset :func:`contsup_fast.presets.auglocal_cuts`): the K mapping under test.
-
-Only the CIFAR-10 ResNet-32 lines are run (the ResNet-110 lines have 50-54 local modules with
-heads of up to 5 residual blocks each, too slow in float64 on a 2-core CPU).
 """
 from __future__ import annotations
 
