@@ -139,8 +139,8 @@ def _run_config(model, K: int, context: str, size: int, batch: int, warmup: int)
     row: Dict[str, object] = {}
     try:
         local = LocalSequential(model, K=K, context="R0" if K == 1 else context, input_size=(3, size, size))
-    except ValueError as exc:
-        return {"status": "refused", "reason": _short(exc)}
+    except ValueError as exc:  # an allocation failure while tracing the example input is not a refusal
+        return {"status": "oom" if _is_oom(exc) else "refused", "reason": _short(exc)}
     row["split"] = local.split_source if K > 1 else "-"
     row["cuts"] = list(local.cut_points)
     row["cut_shapes"] = [list(m.out_shape) for m in local.local_modules[:-1]]

@@ -87,3 +87,23 @@ def test_render_merges_later_rows_and_flags_channels_last(tmp_path):
     assert saved["replaced_from"][0]["models"] == ["swin"]
     assert validate(saved, allow_legacy=False) == "current"  # legacy inputs, written in the schema
     assert "| swin | 224x224 |" in (tmp_path / "zoo_merged.md").read_text()
+
+
+def test_allocation_failure_while_wrapping_is_oom_not_refused(monkeypatch):
+    """LocalSequential turns a failure on the example input into a ValueError; when that failure
+    is an allocation (vit_h_14 under the cap), the row says oom, not refused."""
+    import torch
+    import contsup_fast
+
+    def fail(message):
+        def build(*args, **kwargs):
+            raise ValueError(message)
+        return build
+
+    model = torch.nn.Linear(2, 2)
+    monkeypatch.setattr(contsup_fast, "LocalSequential", fail(
+        "model VisionTransformer failed on an example input (RuntimeError: DefaultCPUAllocator: "
+        "can't allocate memory: you tried to allocate 7895040 bytes)"))
+    assert zoo._run_config(model, 2, "R0", 32, 2, 0)["status"] == "oom"
+    monkeypatch.setattr(contsup_fast, "LocalSequential", fail("K=4 is larger than the number of splittable blocks"))
+    assert zoo._run_config(model, 2, "R0", 32, 2, 0)["status"] == "refused"
