@@ -90,7 +90,7 @@ class _AlexLike(nn.Module):
 
 
 @pytest.mark.parametrize("context", ["E", "R1", "R1E"])
-def test_local_step_at_non_integer_scale_saves_little(context):
+def test_local_step_at_non_integer_scale_saves_little(context, monkeypatch):
     torch.manual_seed(0)
     local = LocalSequential(_AlexLike(), K=2, context=context, input_size=(3, 64, 64), backend="torch")
     assert "16x22x22" in repr(local)  # the boundary: 64 / 22 is not an integer
@@ -100,14 +100,9 @@ def test_local_step_at_non_integer_scale_saves_little(context):
     with SavedTensorMeter(ignore=weights) as meter:
         out = local(x, y)
     # the same step with the plain eager encoders (what recomputed_term replaced)
-    import contsup_fast.context as ctx
-    plain = ctx.recomputed_term
-    try:
-        ctx.recomputed_term = lambda enc, src, size: enc(src, size)
-        with SavedTensorMeter(ignore=list(ref.parameters()) + list(ref.buffers())) as ref_meter:
-            ref_out = ref(x, y)
-    finally:
-        ctx.recomputed_term = plain
+    monkeypatch.setattr("contsup_fast.context.recomputed_term", lambda enc, src, size: enc(src, size))
+    with SavedTensorMeter(ignore=list(ref.parameters()) + list(ref.buffers())) as ref_meter:
+        ref_out = ref(x, y)
     for a, b in zip(out.local_losses, ref_out.local_losses):
         torch.testing.assert_close(a, b)
     for (n, p), q in zip(local.named_parameters(), ref.parameters()):

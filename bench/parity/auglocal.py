@@ -2,8 +2,8 @@
 ``train.py``; Ma et al., ICLR 2024), imported at run time from ``<ref-dir>/AugLocal``.
 
 Configurations: the AugLocal lines of its ``run.sh`` (``--local_module_num 16`` for ResNet-32,
-55 for ResNet-110, ``--aux_net_depth d --pyramid --pyramid_coeff 0.5``, d = 1, 3, 5). Its ``train.py`` turns
-``--rule AugLocal`` into ``local_module_num - aux_net_depth`` local modules, cut at the first
+55 for ResNet-110, ``--aux_net_depth d --pyramid --pyramid_coeff 0.5``, d = 1, 3, 5). Its
+``train.py`` turns ``--rule AugLocal`` into ``local_module_num - aux_net_depth`` local modules, cut at the first
 entries of its finest split (``network_config[arch]['net_config'][:K-1]``). Each line gives
 two rows:
 
